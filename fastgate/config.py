@@ -1,0 +1,336 @@
+"""Typed configuration: TOML or YAML decoded into msgspec Structs.
+
+Every problem is collected and located (``FILE: $.routes[1].upstream: ...``), so
+``fastgate check-config`` can report all of them at once, like ``nginx -t``.
+Sections are converted one by one (list entries one by one) because msgspec stops
+at the first error of a single ``convert`` call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ConfigError
+
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+Size = int | str  # bytes, or "16k" / "10m" / "1g"
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+HTTP_METHODS = frozenset(
+    "GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH".split()
+)
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.I)
+_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|month)\s*$")
+LIMIT_UNITS = ("second", "minute", "hour", "day", "month")
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a size >= 0, found {value}")
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"expected a size like 1048576, '512k', '10m' or '1g', found {value!r}")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+def parse_hostport(value: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """'127.0.0.1:8080', '[::1]:8080', 'localhost:80', ':8080' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port 0-65535, found {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"expected an IPv6 host in brackets ([::1]:PORT), found {value!r}")
+    if not host:
+        if default_host is None:
+            raise ValueError(f"expected HOST:PORT, found {value!r}")
+        host = default_host
+    return host, int(port)
+
+
+def parse_limit(value: str) -> tuple[int, str]:
+    """'10/second' -> (10, 'second')."""
+    m = _LIMIT.match(value)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(
+            f"expected N/second|minute|hour|day|month with N > 0, found {value!r}"
+        )
+    return int(m.group(1)), m.group(2)
+
+
+def parse_cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError as exc:
+        raise ValueError(f"expected an IP address or CIDR, found {value!r} ({exc})") from None
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class ServerConfig(Base):
+    listen: str = "127.0.0.1:8080"
+    workers: Annotated[int, Meta(ge=0, le=1024)] = 0  # 0 = one per CPU
+    drain_timeout: Seconds = 30.0  # SIGTERM: how long in-flight requests may take
+    header_timeout: Seconds = 10.0  # slowloris: whole request head must arrive in this
+    body_timeout: Seconds = 30.0  # longest gap between two pieces of a request body
+    keepalive_timeout: Seconds = 60.0  # idle client connection is closed after this
+    max_header_bytes: Size = "16k"  # request line + headers, else 431
+    max_headers: Annotated[int, Meta(ge=1, le=10_000)] = 100  # else 431
+    max_url_bytes: Size = "8k"  # else 414
+    max_body_bytes: Size = "100m"  # default per route, else 413; 0 = unlimited
+    backlog: Annotated[int, Meta(ge=1)] = 2048
+
+    def __post_init__(self):
+        parse_hostport(self.listen)
+        self.max_header_bytes = parse_size(self.max_header_bytes)
+        self.max_url_bytes = parse_size(self.max_url_bytes)
+        self.max_body_bytes = parse_size(self.max_body_bytes)
+
+
+class AdminConfig(Base):
+    listen: str = "127.0.0.1:9901"
+    token_env: str = "FASTGATE_ADMIN_TOKEN"
+
+    def __post_init__(self):
+        parse_hostport(self.listen)
+
+
+class KeysConfig(Base):
+    store: str = "fastgate-data/keys.db"
+    header: str = "x-api-key"  # Authorization: Bearer is always accepted too
+    capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1_000_000
+
+    def __post_init__(self):
+        if not _TOKEN.match(self.header):
+            raise ValueError(f"header: expected an HTTP header name, found {self.header!r}")
+        self.header = self.header.lower()
+
+
+class PlanConfig(Base):
+    limits: list[str] = []
+
+    def __post_init__(self):
+        for i, limit in enumerate(self.limits):
+            try:
+                parse_limit(limit)
+            except ValueError as exc:
+                raise ValueError(f"limits[{i}]: {exc}") from None
+
+
+class UpstreamConfig(Base):
+    name: Name
+    targets: Annotated[list[str], Meta(min_length=1)]
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 60.0  # waiting for response head, and between body reads
+    idle_timeout: Seconds = 60.0  # pooled keep-alive connection closed after this
+    max_idle: Annotated[int, Meta(ge=0, le=100_000)] = 128  # per target, per worker
+
+    def __post_init__(self):
+        for i, target in enumerate(self.targets):
+            try:
+                parse_hostport(target)
+            except ValueError as exc:
+                raise ValueError(f"targets[{i}]: {exc}") from None
+
+
+class RouteConfig(Base):
+    name: Name
+    path: str
+    upstream: str
+    methods: list[str] = []  # empty = all methods
+    host: str | None = None
+    auth: Literal["key", "none"] = "key"
+    max_body_bytes: Size | None = None  # None = server.max_body_bytes
+    preserve_host: bool = False  # False: Host = upstream target (nginx/Kong default)
+    strip_path: bool = False  # True: the matched prefix is removed before proxying
+    key_query_param: str | None = None  # opt-in: accept the key from ?PARAM=
+
+    def __post_init__(self):
+        if not self.path.startswith("/"):
+            raise ValueError(f"path: expected an absolute path starting with '/', found {self.path!r}")
+        from .server.http1 import normalise_path
+
+        norm = normalise_path(self.path.encode())
+        if norm is None or norm.decode() != self.path:
+            raise ValueError(
+                f"path: expected a normalised path (no '//', '.', '..', or needless %-escapes), "
+                f"found {self.path!r}"
+            )
+        for i, method in enumerate(self.methods):
+            if not _TOKEN.match(method) or method.upper() != method:
+                raise ValueError(f"methods[{i}]: expected an upper-case HTTP method, found {method!r}")
+        if self.host is not None:
+            self.host = self.host.lower()
+        if self.max_body_bytes is not None:
+            self.max_body_bytes = parse_size(self.max_body_bytes)
+
+
+class IpConfig(Base):
+    allow: list[str] = []  # empty = everyone not denied
+    deny: list[str] = []
+    trusted_proxies: list[str] = []
+
+    def __post_init__(self):
+        for field in ("allow", "deny", "trusted_proxies"):
+            for i, cidr in enumerate(getattr(self, field)):
+                try:
+                    parse_cidr(cidr)
+                except ValueError as exc:
+                    raise ValueError(f"{field}[{i}]: {exc}") from None
+
+
+class LogConfig(Base):
+    access: str = "off"  # a file path, "stdout", or "off"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Base):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
+    plans: dict[str, PlanConfig] = {}
+    upstreams: list[UpstreamConfig] = []
+    routes: list[RouteConfig] = []
+    ip: IpConfig = msgspec.field(default_factory=IpConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+
+_SECTIONS: dict[str, Any] = {
+    "server": ServerConfig,
+    "admin": AdminConfig,
+    "keys": KeysConfig,
+    "ip": IpConfig,
+    "log": LogConfig,
+}
+_LISTS: dict[str, Any] = {"upstreams": UpstreamConfig, "routes": RouteConfig}
+
+
+def _locate(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
+    """msgspec says 'Expected `int`, got `str` - at `$.x`'; re-root the path."""
+    text = str(exc)
+    msg, sep, at = text.rpartition(" - at `")
+    if not sep:
+        return prefix, text
+    path = at.rstrip("`")
+    return prefix + path[1:], msg
+
+
+def _convert(value: Any, typ: Any, path: str, problems: list[tuple[str, str]]):
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as exc:
+        problems.append(_locate(exc, path))
+        return None
+
+
+def build_config(raw: Any, source: str) -> Config:
+    """Validate a decoded document; raise ConfigError listing every problem."""
+    problems: list[tuple[str, str]] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("$", f"expected a table/mapping at top level, found {type(raw).__name__}")])
+    parts: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"$.{key}"
+        if key in _SECTIONS:
+            parts[key] = _convert(value, _SECTIONS[key], path, problems)
+        elif key in _LISTS:
+            if not isinstance(value, list):
+                problems.append((path, f"expected an array of tables, found {type(value).__name__}"))
+                continue
+            parts[key] = [_convert(v, _LISTS[key], f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        elif key == "plans":
+            if not isinstance(value, dict):
+                problems.append((path, f"expected a table of plans, found {type(value).__name__}"))
+                continue
+            parts[key] = {n: _convert(v, PlanConfig, f"{path}.{n}", problems) for n, v in value.items()}
+        else:
+            problems.append((path, f"unknown section; expected one of {', '.join(sorted([*_SECTIONS, *_LISTS, 'plans']))}"))
+
+    upstream_names: set[str] = set()
+    for i, u in enumerate(parts.get("upstreams", [])):
+        if u is None:
+            continue
+        if u.name in upstream_names:
+            problems.append((f"$.upstreams[{i}].name", f"duplicate upstream name {u.name!r}"))
+        upstream_names.add(u.name)
+    route_names: set[str] = set()
+    route_keys: set[tuple[str | None, str]] = set()
+    for i, r in enumerate(parts.get("routes", [])):
+        if r is None:
+            continue
+        if r.name in route_names:
+            problems.append((f"$.routes[{i}].name", f"duplicate route name {r.name!r}"))
+        route_names.add(r.name)
+        if (r.host, r.path) in route_keys:
+            problems.append((f"$.routes[{i}].path", f"another route already has host={r.host!r} path={r.path!r}"))
+        route_keys.add((r.host, r.path))
+        if r.upstream not in upstream_names:
+            known = ", ".join(sorted(upstream_names)) or "none defined"
+            problems.append((f"$.routes[{i}].upstream", f"expected the name of an [[upstreams]] entry ({known}), found {r.upstream!r}"))
+
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(**{k: v for k, v in parts.items()})
+
+
+def read_document(path: str) -> Any:
+    """Read TOML (default) or YAML (.yaml/.yml) into plain Python data."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(path, [("$", f"cannot read file: {exc.strerror}")]) from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            return yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise ConfigError(path, [("$", f"invalid YAML: {exc}")]) from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [("$", f"invalid TOML: {exc}")]) from None
+
+
+def load_config(path: str) -> Config:
+    return build_config(read_document(path), path)
+
+
+def default_config(data_dir: str, demo_port: int) -> Config:
+    """The embedded default: one open route to the built-in demo upstream."""
+    return Config(
+        keys=KeysConfig(store=os.path.join(data_dir, "keys.db")),
+        upstreams=[UpstreamConfig(name="demo", targets=[f"127.0.0.1:{demo_port}"])],
+        routes=[RouteConfig(name="demo", path="/", upstream="demo", auth="none")],
+    )
+
+
+def encode(config: Config) -> bytes:
+    return msgspec.msgpack.encode(config)
+
+
+def decode(data: bytes) -> Config:
+    return msgspec.msgpack.decode(data, type=Config)

@@ -1,0 +1,367 @@
+"""The master process: binds, forks workers, supervises, reloads, drains.
+
+The master runs no event loop: it forks (a loop must not cross a fork) and
+then waits in a selector on the workers' control sockets and a signal wakeup
+socket. Each worker slot owns one SO_REUSEPORT listening socket that the master
+keeps open for its whole life, so connections queued on a crashed worker's
+socket are served by its replacement instead of being reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from .. import config as cfg
+from ..errors import ConfigError
+from .worker import MessageReader, Worker, send_msg
+
+log = logging.getLogger("fastgate.master")
+
+RESTART_BACKOFF_MAX = 5.0
+
+
+def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Slot:
+    __slots__ = ("index", "sock", "pid", "ctl", "reader", "ready", "started", "restarts", "respawn_at", "retiring")
+
+    def __init__(self, index: int, sock: socket.socket):
+        self.index = index
+        self.sock = sock
+        self.pid = 0
+        self.ctl = None
+        self.reader = None
+        self.ready = False
+        self.started = 0.0
+        self.restarts = 0
+        self.respawn_at = 0.0
+        self.retiring = False
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: cfg.Config,
+        config_path: str | None,
+        overrides: dict,
+        banner_extra: list[str] | None = None,
+        extras: list | None = None,
+    ):
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.banner_extra = banner_extra or []
+        self.slots: list[Slot] = []
+        self.sel = selectors.DefaultSelector()
+        self.stopping = False
+        self.announced = False
+        self.pending_signals: list[int] = []
+        self.extra_children: dict[int, str] = {}
+        self.host, self.port = cfg.parse_hostport(config.server.listen)
+        self.restarts_total = 0
+        self.extras = extras or []  # (name, fn): helper processes, e.g. the demo upstream
+
+    # -- lifecycle --------------------------------------------------------------
+    def worker_count(self, config: cfg.Config) -> int:
+        return config.server.workers or os.cpu_count() or 1
+
+    def run(self) -> int:
+        n = self.worker_count(self.config)
+        for i in range(n):
+            self._add_slot()
+        self._install_signals()
+        for name, fn in self.extras:
+            self._spawn_extra(name, fn)
+        for slot in self.slots:
+            self._spawn(slot)
+        try:
+            self._loop()
+        finally:
+            for slot in self.slots:
+                slot.sock.close()
+        return 0
+
+    def _add_slot(self) -> Slot:
+        sock = bind_socket(self.host, self.port, self.config.server.backlog)
+        if self.port == 0:
+            self.port = sock.getsockname()[1]
+        slot = Slot(len(self.slots), sock)
+        self.slots.append(slot)
+        return slot
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.pending_signals.append(signum)
+
+    def _child_reset(self) -> None:
+        """In a fresh child: drop the master's signal plumbing and selector."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        self._wake_r.close()
+        self._wake_w.close()
+        for other in self.slots:
+            if other.ctl is not None:
+                other.ctl.close()
+        self.sel.close()
+
+    def _spawn_extra(self, name: str, fn) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                self._child_reset()
+                for slot in self.slots:
+                    slot.sock.close()
+                fn()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.extra_children[pid] = name
+
+    def _spawn(self, slot: Slot) -> None:
+        parent, child = socket.socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                parent.close()
+                self._child_reset()
+                for other in self.slots:
+                    if other is not slot:
+                        other.sock.close()
+                Worker(slot.index, self.config, slot.sock, child).run()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child.close()
+        parent.setblocking(False)
+        slot.pid = pid
+        slot.ctl = parent
+        slot.reader = MessageReader()
+        slot.ready = False
+        slot.started = time.monotonic()
+        self.sel.register(parent, selectors.EVENT_READ, slot)
+
+    # -- main loop --------------------------------------------------------------
+    def _loop(self) -> None:
+        stop_deadline = None
+        while True:
+            for key, _ in self.sel.select(timeout=0.5):
+                if key.data is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                else:
+                    self._on_ctl(key.data)
+            signals, self.pending_signals = self.pending_signals, []
+            for signum in signals:
+                if signum == signal.SIGCHLD:
+                    self._reap()
+                elif signum in (signal.SIGTERM, signal.SIGINT):
+                    if not self.stopping:
+                        log.info("received %s: draining", signal.Signals(signum).name)
+                        self.stopping = True
+                        stop_deadline = time.monotonic() + self.config.server.drain_timeout + 5
+                        self._signal_all(signal.SIGTERM)
+                elif signum == signal.SIGHUP:
+                    self.reload()
+            self._reap()
+            now = time.monotonic()
+            if self.stopping:
+                if not any(s.pid for s in self.slots) and not self.extra_children:
+                    log.info("all workers exited; bye")
+                    return
+                if stop_deadline is not None and now > stop_deadline:
+                    log.warning("drain deadline passed: killing remaining workers")
+                    self._signal_all(signal.SIGKILL)
+                    stop_deadline = None
+                continue
+            for slot in self.slots:
+                if slot.pid == 0 and not slot.retiring and now >= slot.respawn_at:
+                    self._spawn(slot)
+            self._announce()
+
+    def _signal_all(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.kill(slot.pid, sig)
+                except ProcessLookupError:
+                    pass
+        for pid in self.extra_children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.extra_children:
+                name = self.extra_children.pop(pid)
+                if not self.stopping:
+                    log.error("%s (pid %d) exited unexpectedly", name, pid)
+                continue
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self._worker_exited(slot, status)
+                    break
+
+    def _worker_exited(self, slot: Slot, status: int) -> None:
+        pid = slot.pid
+        slot.pid = 0
+        slot.ready = False
+        if slot.ctl is not None:
+            self.sel.unregister(slot.ctl)
+            slot.ctl.close()
+            slot.ctl = None
+        if slot.retiring:
+            slot.sock.close()
+            self.slots.remove(slot)
+            return
+        if self.stopping:
+            return
+        if os.WIFSIGNALED(status):
+            why = f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        else:
+            why = f"exit status {os.WEXITSTATUS(status)}"
+        lived = time.monotonic() - slot.started
+        slot.restarts += 1
+        self.restarts_total += 1
+        # A worker that dies at once would otherwise be respawned in a hot loop.
+        delay = 0.0 if lived > 2.0 else min(RESTART_BACKOFF_MAX, 0.1 * 2 ** min(slot.restarts, 6))
+        slot.respawn_at = time.monotonic() + delay
+        log.error("worker %d (pid %d) %s; restarting%s", slot.index, pid, why, f" in {delay:.1f}s" if delay else "")
+
+    def _on_ctl(self, slot: Slot) -> None:
+        try:
+            data = slot.ctl.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(slot.ctl)
+            slot.ctl.close()
+            slot.ctl = None
+            return
+        for kind, payload in slot.reader.feed(data):
+            if kind == b"R":
+                slot.ready = True
+            elif kind == b"L":
+                log.debug("worker %d applied config generation %s", slot.index, payload.decode())
+            elif kind == b"E":
+                log.error("worker %d failed to apply config: %s", slot.index, payload.decode())
+
+    def _announce(self) -> None:
+        if self.announced or not all(s.ready for s in self.slots if not s.retiring):
+            return
+        self.announced = True
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        n = sum(1 for s in self.slots if not s.retiring)
+        print(f"fastgate: listening on http://{host}:{self.port} with {n} workers (master pid {os.getpid()})", flush=True)
+        for line in self.banner_extra:
+            print(line, flush=True)
+
+    # -- reload -------------------------------------------------------------------
+    def reload(self) -> bool:
+        if self.config_path is None:
+            log.warning("reload requested but fastgate runs on its embedded default: nothing to reload")
+            return False
+        try:
+            new = apply_overrides(cfg.load_config(self.config_path), self.overrides)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running config:\n%s", exc.render())
+            return False
+        if new.server.listen != self.config.server.listen:
+            log.warning("server.listen changed to %s: takes effect on restart only", new.server.listen)
+            new = cfg.msgspec.structs.replace(
+                new, server=cfg.msgspec.structs.replace(new.server, listen=self.config.server.listen)
+            )
+        old_n = sum(1 for s in self.slots if not s.retiring)
+        self.config = new
+        payload = cfg.encode(new)
+        for slot in self.slots:
+            if slot.ctl is not None and not slot.retiring:
+                try:
+                    send_msg(slot.ctl, b"C", payload)
+                except OSError:
+                    pass  # the worker is gone; its replacement forks with the new config
+        new_n = self.worker_count(new)
+        if new_n > old_n:
+            for _ in range(new_n - old_n):
+                self._spawn(self._add_slot())
+        elif new_n < old_n:
+            for slot in self.slots[new_n:]:
+                slot.retiring = True
+                if slot.pid:
+                    os.kill(slot.pid, signal.SIGTERM)
+            for slot in [s for s in self.slots if s.retiring and not s.pid]:
+                slot.sock.close()
+                self.slots.remove(slot)
+        log.info("config reloaded from %s (%d routes, %d workers)", self.config_path, len(new.routes), new_n)
+        return True
+
+
+def apply_overrides(config: cfg.Config, overrides: dict) -> cfg.Config:
+    """CLI flags win over the file (DESIGN: 'flags override the file')."""
+    if not overrides:
+        return config
+    raw = {
+        "server": cfg.msgspec.to_builtins(config.server),
+        "admin": cfg.msgspec.to_builtins(config.admin),
+    }
+    if "listen" in overrides:
+        raw["server"]["listen"] = overrides["listen"]
+    if "workers" in overrides:
+        raw["server"]["workers"] = overrides["workers"]
+    if "admin_listen" in overrides:
+        raw["admin"]["listen"] = overrides["admin_listen"]
+    problems: list = []
+    server = cfg._convert(raw["server"], cfg.ServerConfig, "$.server", problems)
+    admin = cfg._convert(raw["admin"], cfg.AdminConfig, "$.admin", problems)
+    if problems:
+        raise ConfigError("command line", problems)
+    return cfg.msgspec.structs.replace(config, server=server, admin=admin)
