@@ -141,6 +141,9 @@ class UpstreamConn(asyncio.Protocol):
                 self.transport.abort()
                 ex.conn.upstream_failed(ex, "upstream_unavailable", "upstream switched protocols unasked")
                 return
+            # llhttp reports the 101 as a complete message before it pauses for
+            # the upgrade: interim=True keeps on_message_complete from ending it.
+            self.interim = True
             ex.conn.response_head(ex, 101, [(n.lower(), n, v) for n, v in self.headers], None, False, self)
             return
         length = None
