@@ -1,3 +1,1248 @@
-# placeholder: replaced by the shared-memory core (issue 3)
-def version():
-    return 1
+# cython: language_level=3
+"""HOT PATH: the shared-memory core -- Arena, KeyTable, RateTable, CidrSet.
+
+One segment, created by the master before it forks, holds a header, the key
+index (digest slot -> key index), the key records, the rate counters and the
+key extension heap (scopes, per-key CIDRs, per-key limits, metadata). Only
+offsets are stored in it, never pointers. Exactly one process (the header's
+writer_pid) writes keys; every process reads keys and updates counters.
+
+Per request: ints and bytes in, one int out. Expected outcomes are the
+negative return codes below; exceptions are for cold-path misuse only.
+Cold-path parsing and its error messages live in _core_py (shared with the
+pure-Python twin), so the two cannot disagree on what a config means.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcmp, memcpy, memset
+from libc.stdlib cimport malloc, realloc, free
+from posix.unistd cimport getpid
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+
+import os
+
+from fastgate import _core_py as _py
+from fastgate._core_py import CoreError
+
+cdef extern from "atomics.h" nogil:
+    uint32_t fg_load32_acq(const uint32_t *p)
+    uint32_t fg_load32_rlx(const uint32_t *p)
+    void fg_store32_rel(uint32_t *p, uint32_t v)
+    void fg_store32_rlx(uint32_t *p, uint32_t v)
+    uint64_t fg_load64_acq(const uint64_t *p)
+    uint64_t fg_load64_rlx(const uint64_t *p)
+    void fg_store64_rel(uint64_t *p, uint64_t v)
+    void fg_store64_rlx(uint64_t *p, uint64_t v)
+    uint64_t fg_add64(uint64_t *p, uint64_t v)
+    int fg_cas64(uint64_t *p, uint64_t *expected, uint64_t desired)
+    void fg_fence_acq()
+    void fg_fence_rel()
+    void fg_cpu_relax()
+
+cdef extern from "fg_hash.h" nogil:
+    ctypedef struct fg_b2_state:
+        uint64_t h[8]
+    void fg_b2_init_keyed(fg_b2_state *st, const uint8_t *key, size_t keylen)
+    void fg_b2_digest(const fg_b2_state *st, const uint8_t *msg, size_t len, uint8_t *out)
+    void fg_crc32_init()
+    uint32_t fg_crc32(const uint8_t *p, size_t n)
+
+fg_crc32_init()
+
+# ------------------------------------------------------------------ constants
+
+LAYOUT_VERSION = _py.LAYOUT_VERSION
+NO_SUCH_KEY = _py.NO_SUCH_KEY
+KEY_REVOKED = _py.KEY_REVOKED
+KEY_DISABLED = _py.KEY_DISABLED
+KEY_EXPIRED = _py.KEY_EXPIRED
+KEY_NOT_YET_VALID = _py.KEY_NOT_YET_VALID
+SCOPE_DENIED = _py.SCOPE_DENIED
+KEY_IP_DENIED = _py.KEY_IP_DENIED
+KEY_BUSY = _py.KEY_BUSY
+KEY_MALFORMED = _py.KEY_MALFORMED
+RATE_LIMITED = _py.RATE_LIMITED
+RATE_TABLE_FULL = _py.RATE_TABLE_FULL
+UNLIMITED = _py.UNLIMITED
+
+cdef enum:
+    C_NO_SUCH_KEY = -1
+    C_KEY_REVOKED = -2
+    C_KEY_DISABLED = -3
+    C_KEY_EXPIRED = -4
+    C_KEY_NOT_YET_VALID = -5
+    C_SCOPE_DENIED = -6
+    C_KEY_IP_DENIED = -7
+    C_KEY_BUSY = -8
+    C_KEY_MALFORMED = -9
+    C_RATE_LIMITED = -10
+    C_RATE_TABLE_FULL = -11
+    C_UNLIMITED = 0x7FFFFFFF
+    NOT_THIS = -100          # internal: the slot's record is not this digest's
+    F_LIVE = 1
+    F_DISABLED = 2
+    F_REVOKED = 4
+    SLOT_EMPTY = 0
+    SPIN_MAX = 1 << 20       # seqlock retries before a reader gives up with KEY_BUSY
+    RATE_PROBES = 256
+    EXT_HEADER = 56
+    EXT_CLASSES = 24
+    N_WIN = 5
+
+cdef extern from *:
+    """
+    #define FG_SLOT_TOMB 0xFFFFFFFFULL
+    #define FG_LO32 0xFFFFFFFFULL
+    #define FG_ALL64 0xFFFFFFFFFFFFFFFFULL
+    """
+    const uint64_t SLOT_TOMB "FG_SLOT_TOMB"
+    const uint64_t LO32 "FG_LO32"
+    const uint64_t ALL64 "FG_ALL64"
+
+cdef struct Header:          # offsets must match _core_py.HEADER_FIELDS
+    uint64_t magic
+    uint32_t version
+    uint32_t header_size
+    uint64_t size
+    uint64_t key_capacity
+    uint64_t key_slots
+    uint64_t rate_capacity
+    uint64_t ext_bytes
+    uint64_t off_slots
+    uint64_t off_records
+    uint64_t off_rate
+    uint64_t off_ext
+    int64_t writer_pid
+    uint64_t ext_bump        # writer only
+    uint64_t live_keys       # writer only
+    uint64_t tombstones      # writer only
+    uint64_t digests         # writer only
+    uint64_t rate_used       # atomic add, any process
+    uint64_t alloc_hint      # writer only
+    uint64_t free_heads[EXT_CLASSES]   # writer only
+
+cdef struct Record:          # 128 bytes, guarded by seq (seqlock, single writer)
+    uint32_t seq
+    uint32_t flags
+    uint32_t plan_id
+    uint32_t ext_len
+    uint64_t ext_off
+    int64_t not_before_ms
+    int64_t expires_ms
+    int64_t grace_until_ms
+    uint64_t gen
+    uint8_t digest[32]
+    uint8_t digest2[32]
+    uint8_t pad[8]
+
+cdef struct RateEntry:       # 96 bytes; key claimed once by CAS, buckets updated by CAS
+    uint64_t key
+    uint64_t b[10]           # per window kind: two buckets (epoch parity), each (epoch << 32) | count
+    uint64_t pad
+
+cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return v
+
+cdef inline bint _eq32(const uint8_t *a, const uint8_t *b) noexcept nogil:
+    # constant time: no early exit on the first differing word
+    cdef uint64_t x = (_le64(a) ^ _le64(b)) | (_le64(a + 8) ^ _le64(b + 8))
+    x |= (_le64(a + 16) ^ _le64(b + 16)) | (_le64(a + 24) ^ _le64(b + 24))
+    return x == 0
+
+cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
+    return x ^ (x >> 31)
+
+# ------------------------------------------------------------------ Arena
+
+
+cdef class Arena:
+    """The shared segment. Create in the master before forking workers."""
+
+    cdef object _mm
+    cdef uint8_t[::1] _view
+    cdef uint8_t *base
+    cdef Header *hdr
+    cdef uint64_t *slots
+    cdef Record *records
+    cdef RateEntry *rates
+    cdef uint8_t *ext
+    cdef uint64_t slot_mask
+    cdef uint64_t rate_mask
+    cdef uint64_t key_cap
+    cdef uint64_t rate_cap
+    cdef uint64_t ext_bytes
+    cdef object _path
+    cdef bint _owner
+
+    def __init__(self):
+        raise TypeError("use Arena.create(...) or Arena.attach(path)")
+
+    @staticmethod
+    cdef Arena _wrap(object mm, object path, bint owner):
+        cdef Arena a = Arena.__new__(Arena)
+        a._mm = mm
+        a._view = mm
+        a.base = <uint8_t *>&a._view[0]
+        a.hdr = <Header *>a.base
+        a.slots = <uint64_t *>(a.base + a.hdr.off_slots)
+        a.records = <Record *>(a.base + a.hdr.off_records)
+        a.rates = <RateEntry *>(a.base + a.hdr.off_rate)
+        a.ext = a.base + a.hdr.off_ext
+        a.slot_mask = a.hdr.key_slots - 1
+        a.rate_mask = a.hdr.rate_capacity - 1
+        a.key_cap = a.hdr.key_capacity
+        a.rate_cap = a.hdr.rate_capacity
+        a.ext_bytes = a.hdr.ext_bytes
+        a._path = path
+        a._owner = owner
+        return a
+
+    @staticmethod
+    def create(key_capacity=1_000_000, rate_capacity=1 << 18, ext_bytes=None, path=None):
+        """Map a zeroed segment: anonymous MAP_SHARED (inherited by fork) or a /dev/shm file."""
+        lay = _py.layout(key_capacity, rate_capacity, ext_bytes)
+        mm = _py.map_segment(lay["size"], path)
+        _py.write_header(mm, lay, os.getpid())
+        cdef Arena a = Arena._wrap(mm, path, True)
+        a.hdr.ext_bump = 64          # offset 0 means "no extension"
+        return a
+
+    @staticmethod
+    def attach(path):
+        """Map an existing /dev/shm arena by path; validates magic, version and layout."""
+        mm = _py.open_segment(path)
+        _py.read_header(mm, repr(path))
+        return Arena._wrap(mm, path, False)
+
+    @property
+    def size(self):
+        return self.hdr.size
+
+    @property
+    def key_capacity(self):
+        return self.key_cap
+
+    @property
+    def rate_capacity(self):
+        return self.rate_cap
+
+    @property
+    def path(self):
+        return self._path
+
+    @property
+    def writer_pid(self):
+        return self.hdr.writer_pid
+
+    def header(self):
+        h = _py.read_header(self._mm, "in memory")
+        return h
+
+    def set_writer(self, int pid):
+        """Hand the single-writer role to another process (call from the current writer)."""
+        self._require_writer()
+        self.hdr.writer_pid = pid
+
+    cdef _require_writer(self):
+        cdef int64_t me = getpid()
+        if self.hdr.writer_pid != me:
+            raise CoreError(f"only the writer process (pid {self.hdr.writer_pid}) may write the arena; this is pid {me}")
+
+    def unlink(self):
+        if not self._owner:
+            raise CoreError("only the process that created the arena may unlink it")
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+
+    # ---- extension heap: power-of-two blocks, writer only; readers reach a
+    # block only through a record, under that record's seqlock.
+
+    cdef uint64_t _ext_alloc(self, uint64_t n) except? 0:
+        cdef int c = 0
+        cdef uint64_t size = 64, off
+        while size < n:
+            size <<= 1
+            c += 1
+        if c >= EXT_CLASSES:
+            raise CoreError(f"key extension of {n} bytes is larger than the largest block ({64 << (EXT_CLASSES - 1)})")
+        off = self.hdr.free_heads[c]
+        if off:
+            self.hdr.free_heads[c] = _le64(self.ext + off)
+            return off
+        off = self.hdr.ext_bump
+        if off + size > self.ext_bytes:
+            raise CoreError(
+                f"key extension area full: {self.ext_bytes} bytes, {off} in use, needed {size} more (raise ext_bytes)")
+        self.hdr.ext_bump = off + size
+        return off
+
+    cdef void _ext_free(self, uint64_t off, uint64_t n) noexcept:
+        cdef int c = 0
+        cdef uint64_t size = 64
+        if off == 0:
+            return
+        while size < n:
+            size <<= 1
+            c += 1
+        memcpy(self.ext + off, &self.hdr.free_heads[c], 8)
+        self.hdr.free_heads[c] = off
+
+
+# ------------------------------------------------------------------ ranges (CIDR search)
+
+cdef inline bint _in4(const uint32_t *p, uint32_t n, uint32_t x) noexcept nogil:
+    # p: n sorted disjoint (lo, hi) pairs
+    cdef uint32_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if p[2 * mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo > 0 and x <= p[2 * (lo - 1) + 1]
+
+cdef inline bint _le128(uint64_t ah, uint64_t al, uint64_t bh, uint64_t bl) noexcept nogil:
+    return ah < bh or (ah == bh and al <= bl)
+
+cdef inline bint _in6(const uint64_t *p, uint32_t n, uint64_t xh, uint64_t xl) noexcept nogil:
+    # p: n sorted disjoint (lo_hi, lo_lo, hi_hi, hi_lo) quads
+    cdef uint32_t lo = 0, hi = n, mid
+    cdef const uint64_t *q
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        q = p + 4 * mid
+        if _le128(q[0], q[1], xh, xl):
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == 0:
+        return False
+    q = p + 4 * (lo - 1)
+    return _le128(xh, xl, q[2], q[3])
+
+cdef inline int _peer(const uint8_t *p, Py_ssize_t n, uint32_t *v4, uint64_t *hi, uint64_t *lo) noexcept nogil:
+    cdef int i
+    cdef uint64_t h = 0, l = 0
+    if n == 4:
+        v4[0] = (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+        return 4
+    if n != 16:
+        return 0
+    for i in range(8):
+        h = (h << 8) | p[i]
+        l = (l << 8) | p[8 + i]
+    if h == 0 and (l >> 32) == 0xFFFF:
+        v4[0] = <uint32_t>l
+        return 4
+    hi[0] = h
+    lo[0] = l
+    return 6
+
+
+cdef class CidrSet:
+    """IPv4/IPv6 ranges, sorted and merged, in worker-local C arrays."""
+
+    cdef uint32_t *v4
+    cdef uint64_t *v6
+    cdef readonly uint32_t n4
+    cdef readonly uint32_t n6
+    cdef readonly object where
+
+    def __cinit__(self):
+        self.v4 = NULL
+        self.v6 = NULL
+
+    def __dealloc__(self):
+        free(self.v4)
+        free(self.v6)
+
+    def __init__(self):
+        raise TypeError("use CidrSet.compile(cidrs, where=...)")
+
+    @staticmethod
+    def compile(cidrs, where="cidrs"):
+        r4, r6 = _py.compile_cidrs(cidrs, where)
+        cdef CidrSet s = CidrSet.__new__(CidrSet)
+        cdef Py_ssize_t i
+        s.where = where
+        s.n4 = len(r4)
+        s.n6 = len(r6)
+        s.v4 = <uint32_t *>malloc(8 * s.n4 + 8)
+        s.v6 = <uint64_t *>malloc(32 * s.n6 + 32)
+        if s.v4 == NULL or s.v6 == NULL:
+            raise MemoryError()
+        for i in range(s.n4):
+            s.v4[2 * i] = r4[i][0]
+            s.v4[2 * i + 1] = r4[i][1]
+        for i in range(s.n6):
+            s.v6[4 * i] = r6[i][0] >> 64
+            s.v6[4 * i + 1] = r6[i][0] & 0xFFFFFFFFFFFFFFFF
+            s.v6[4 * i + 2] = r6[i][1] >> 64
+            s.v6[4 * i + 3] = r6[i][1] & 0xFFFFFFFFFFFFFFFF
+        return s
+
+    def contains(self, bytes peer not None):
+        """peer: 4 or 16 packed bytes; ::ffff:a.b.c.d is matched as a.b.c.d."""
+        cdef uint32_t x4 = 0
+        cdef uint64_t xh = 0, xl = 0
+        cdef int v = _peer(<const uint8_t *>PyBytes_AS_STRING(peer), PyBytes_GET_SIZE(peer), &x4, &xh, &xl)
+        if v == 4:
+            return _in4(self.v4, self.n4, x4)
+        if v == 6:
+            return _in6(self.v6, self.n6, xh, xl)
+        return False
+
+    def __len__(self):
+        return self.n4 + self.n6
+
+    @property
+    def ranges(self):
+        return (self.n4, self.n6)
+
+
+# ------------------------------------------------------------------ key table
+
+cdef uint8_t _B62[256]
+memset(_B62, 0xFF, 256)
+for _i, _c in enumerate(_py.B62):
+    _B62[_c] = _i
+
+cdef bint _well_formed(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    # mirrors _core_py.key_well_formed: fg_<id>_<secret><6 base62 CRC-32>
+    cdef Py_ssize_t sep = -1, i
+    cdef uint64_t chk = 0
+    if n < 3 + 1 + 1 + 27 + 6 or n > 3 + 32 + 1 + 64 + 6:
+        return False
+    if p[0] != 0x66 or p[1] != 0x67 or p[2] != 0x5F:
+        return False
+    for i in range(3, n):
+        if p[i] == 0x5F:
+            sep = i
+            break
+        if _B62[p[i]] == 0xFF:
+            return False
+    if sep < 4 or sep - 3 > 32:
+        return False
+    i = n - sep - 1 - 6
+    if i < 27 or i > 64:
+        return False
+    for i in range(sep + 1, n):
+        if _B62[p[i]] == 0xFF:
+            return False
+    for i in range(n - 6, n):
+        chk = chk * 62 + _B62[p[i]]
+    return chk == fg_crc32(p, n - 6)
+
+
+cdef inline void _w_begin(Record *r) noexcept nogil:
+    # seqlock write side (single writer): odd seq, then release fence so the
+    # odd value is visible before any of the field stores that follow
+    fg_store32_rlx(&r.seq, fg_load32_rlx(&r.seq) + 1)
+    fg_fence_rel()
+
+cdef inline void _w_end(Record *r) noexcept nogil:
+    # release: every field store above is visible before the even seq
+    fg_store32_rel(&r.seq, fg_load32_rlx(&r.seq) + 1)
+
+
+cdef class KeyTable:
+    """Digest -> key record. Readers: every process; writer: the arena's writer_pid."""
+
+    cdef Arena arena
+    cdef Header *hdr
+    cdef uint64_t *slots
+    cdef Record *records
+    cdef uint8_t *ext
+    cdef uint64_t slot_mask
+    cdef uint64_t nslots
+    cdef uint64_t cap
+    cdef uint64_t ext_bytes
+    cdef fg_b2_state b2
+    cdef bint has_secret
+    cdef bytes _secret
+    cdef readonly int64_t last_plan
+    cdef int64_t last_index
+    cdef uint32_t last_limits[N_WIN]
+
+    def __init__(self, Arena arena not None, secret=None):
+        self.arena = arena
+        self.hdr = arena.hdr
+        self.slots = arena.slots
+        self.records = arena.records
+        self.ext = arena.ext
+        self.slot_mask = arena.slot_mask
+        self.nslots = arena.slot_mask + 1
+        self.cap = arena.key_cap
+        self.ext_bytes = arena.ext_bytes
+        self.has_secret = False
+        self.last_plan = 0
+        self.last_index = -1
+        memset(self.last_limits, 0, sizeof(self.last_limits))
+        if secret is not None:
+            self.set_secret(secret)
+
+    @property
+    def capacity(self):
+        return self.cap
+
+    def set_secret(self, secret):
+        cdef bytes s = _py._check_secret(secret)
+        fg_b2_init_keyed(&self.b2, <const uint8_t *>PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
+        self._secret = s
+        self.has_secret = True
+
+    def digest(self, bytes key not None):
+        """Keyed BLAKE2b-256 of key: equals _core_py.key_digest(secret, key)."""
+        cdef uint8_t out[32]
+        if not self.has_secret:
+            raise CoreError("no server secret set: pass secret= to KeyTable or call set_secret()")
+        if PyBytes_GET_SIZE(key) == 0:
+            return _py.key_digest(self._secret, key)
+        fg_b2_digest(&self.b2, <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), out)
+        return PyBytes_FromStringAndSize(<char *>out, 32)
+
+    # ---------------------------------------------------------- hot path
+
+    def check_key(self, bytes key not None, int method_bit, bytes path not None, bytes peer not None, int64_t now_ms):
+        """Format + checksum, keyed digest, then check(): key index >= 0 or a negative code."""
+        cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
+        cdef uint8_t d[32]
+        if not self.has_secret or not _well_formed(k, n):
+            return C_KEY_MALFORMED
+        fg_b2_digest(&self.b2, k, n, d)
+        return self._check(d, method_bit, path, peer, now_ms)
+
+    def check(self, bytes digest not None, int method_bit, bytes path not None, bytes peer not None, int64_t now_ms):
+        """Lookup + revoked/disabled + validity window + scope + per-key CIDRs."""
+        if PyBytes_GET_SIZE(digest) != 32:
+            return C_NO_SUCH_KEY
+        return self._check(<const uint8_t *>PyBytes_AS_STRING(digest), method_bit, path, peer, now_ms)
+
+    cdef int64_t _check(self, const uint8_t *d, int mbit, bytes path, bytes peer, int64_t now) noexcept:
+        cdef uint32_t p4 = 0
+        cdef uint64_t ph = 0, pl = 0
+        cdef int pv = _peer(<const uint8_t *>PyBytes_AS_STRING(peer), PyBytes_GET_SIZE(peer), &p4, &ph, &pl)
+        cdef const uint8_t *pp = <const uint8_t *>PyBytes_AS_STRING(path)
+        cdef Py_ssize_t pn = PyBytes_GET_SIZE(path)
+        # the digest is a keyed cryptographic hash, so its first 8 bytes are
+        # already uniform: they pick the slot (low bits) and the tag (high bits)
+        cdef uint64_t h = _le64(d), v, ref
+        cdef uint64_t i = h & self.slot_mask, n
+        cdef uint64_t tag = h >> 32
+        cdef int64_t r
+        for n in range(self.nslots):
+            # acquire: pairs with the writer's release store of the slot, so
+            # the record it points to is at least as new as the slot
+            v = fg_load64_acq(&self.slots[i])
+            if v == SLOT_EMPTY:
+                return C_NO_SUCH_KEY
+            ref = v & LO32
+            if ref != SLOT_TOMB and (v >> 32) == tag and ref - 1 < self.cap:
+                r = self._eval(ref - 1, d, mbit, pp, pn, pv, p4, ph, pl, now)
+                if r != NOT_THIS:
+                    return r
+            i = (i + 1) & self.slot_mask
+        return C_NO_SUCH_KEY
+
+    cdef int64_t _eval(self, uint64_t k, const uint8_t *d, int mbit, const uint8_t *pp, Py_ssize_t pn,
+                       int pv, uint32_t p4, uint64_t ph, uint64_t pl, int64_t now) noexcept:
+        cdef Record *rec = &self.records[k]
+        cdef uint32_t s1, s2, flags, plan = 0
+        cdef uint32_t lim[N_WIN]
+        cdef int64_t res
+        cdef uint64_t spins = 0, eoff, elen
+        while True:
+            # seqlock read side: acquire load of seq, plain loads of the fields
+            # (possibly torn), acquire fence, then re-load seq; an odd or
+            # changed seq means a write overlapped and the result is discarded
+            s1 = fg_load32_acq(&rec.seq)
+            if s1 & 1:
+                spins += 1
+                if spins > SPIN_MAX:
+                    return C_KEY_BUSY
+                fg_cpu_relax()
+                continue
+            memset(lim, 0, sizeof(lim))
+            flags = rec.flags
+            if not (flags & F_LIVE):
+                res = NOT_THIS
+            elif not (_eq32(d, rec.digest) or (now < rec.grace_until_ms and _eq32(d, rec.digest2))):
+                res = NOT_THIS
+            elif flags & F_REVOKED:
+                res = C_KEY_REVOKED
+            elif flags & F_DISABLED:
+                res = C_KEY_DISABLED
+            elif now < rec.not_before_ms:
+                res = C_KEY_NOT_YET_VALID
+            elif rec.expires_ms != 0 and now >= rec.expires_ms:
+                res = C_KEY_EXPIRED
+            else:
+                plan = rec.plan_id
+                eoff = rec.ext_off
+                elen = rec.ext_len
+                if eoff == 0:
+                    res = <int64_t>k
+                elif eoff + elen > self.ext_bytes or elen < EXT_HEADER:
+                    res = C_KEY_BUSY     # torn: the seq check below decides
+                else:
+                    res = _ext_eval(self.ext + eoff, elen, mbit, pp, pn, pv, p4, ph, pl, lim)
+                    if res == 0:
+                        res = <int64_t>k
+            fg_fence_acq()
+            s2 = fg_load32_rlx(&rec.seq)
+            if s1 == s2:
+                if res >= 0:
+                    self.last_plan = plan
+                    self.last_index = <int64_t>k
+                    memcpy(self.last_limits, lim, sizeof(lim))
+                return res
+            spins += 1
+            if spins > SPIN_MAX:
+                return C_KEY_BUSY
+
+    # ---------------------------------------------------------- writer (cold)
+
+    cdef uint64_t _k(self, key_index) except? ALL64:
+        if not isinstance(key_index, int) or not 0 <= key_index < self.cap:
+            raise CoreError(f"key index must be 0..{self.cap - 1}, found {key_index!r}")
+        return key_index
+
+    cdef int64_t _find(self, const uint8_t *d, int64_t *slot_out) noexcept:
+        """Writer: key index owning digest d (either of its digests), or -1."""
+        cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, ref, n
+        cdef Record *r
+        for n in range(self.nslots):
+            v = self.slots[i]
+            if v == SLOT_EMPTY:
+                return -1
+            ref = v & LO32
+            if ref != SLOT_TOMB and (v >> 32) == (h >> 32) and ref - 1 < self.cap:
+                r = &self.records[ref - 1]
+                if (r.flags & F_LIVE) and (_eq32(d, r.digest) or (r.grace_until_ms != 0 and _eq32(d, r.digest2))):
+                    if slot_out != NULL:
+                        slot_out[0] = <int64_t>i
+                    return <int64_t>(ref - 1)
+            i = (i + 1) & self.slot_mask
+        return -1
+
+    cdef int _insert(self, const uint8_t *d, uint64_t k) except -1:
+        cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, n
+        cdef int64_t tomb = -1
+        for n in range(self.nslots):
+            v = self.slots[i]
+            if v == SLOT_EMPTY:
+                break
+            if (v & LO32) == SLOT_TOMB and tomb < 0:
+                tomb = <int64_t>i
+            i = (i + 1) & self.slot_mask
+        else:
+            if tomb < 0:
+                raise CoreError("key index slots exhausted")
+        if tomb >= 0:
+            i = <uint64_t>tomb
+            self.hdr.tombstones -= 1
+        # release: the record (written before this call) is visible to any
+        # reader that sees this slot
+        fg_store64_rel(&self.slots[i], ((h >> 32) << 32) | (k + 1))
+        self.hdr.digests += 1
+        return 0
+
+    cdef void _remove(self, const uint8_t *d, uint64_t k) noexcept:
+        cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, n
+        for n in range(self.nslots):
+            v = self.slots[i]
+            if v == SLOT_EMPTY:
+                return
+            if v == (((h >> 32) << 32) | (k + 1)):
+                # tombstone, not empty: later slots of this probe chain stay reachable
+                fg_store64_rel(&self.slots[i], ((h >> 32) << 32) | SLOT_TOMB)
+                self.hdr.tombstones += 1
+                self.hdr.digests -= 1
+                return
+            i = (i + 1) & self.slot_mask
+
+    cdef int _ensure_findable(self, uint64_t k) except -1:
+        # the only digest-slot ambiguity is two digests of one key sharing a
+        # 32-bit tag; re-insert whichever one a removal made unreachable
+        cdef Record *r = &self.records[k]
+        if not (r.flags & F_LIVE):
+            return 0
+        if self._find(r.digest, NULL) != <int64_t>k:
+            self._insert(r.digest, k)
+        if r.grace_until_ms != 0 and self._find(r.digest2, NULL) != <int64_t>k:
+            self._insert(r.digest2, k)
+        return 0
+
+    def allocate(self):
+        """A free key index (cold; writer). Raises CoreError when the table is full."""
+        self.arena._require_writer()
+        cdef uint64_t n, i = self.hdr.alloc_hint % self.cap
+        for n in range(self.cap):
+            if not (self.records[i].flags & F_LIVE):
+                self.hdr.alloc_hint = i + 1
+                return i
+            i = (i + 1) % self.cap
+        raise CoreError(f"key table full: all {self.cap} records are in use (raise key_capacity)")
+
+    def put(self, key_index, bytes digest not None, *, plan_id=0, flags=0, not_before_ms=0, expires_ms=0,
+            scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta=b"", where="key"):
+        """Insert or replace the record at key_index (writer only)."""
+        self.arena._require_writer()
+        cdef uint64_t k = self._k(key_index)
+        _py._check_digest(digest)
+        sc = _py.compile_scopes(scopes, f"{where}.scopes")
+        al = _py.compile_cidrs(allow_cidrs, f"{where}.allow_cidrs")
+        de = _py.compile_cidrs(deny_cidrs, f"{where}.deny_cidrs")
+        li = _py.compile_limits(limits, f"{where}.limits")
+        if not 0 <= plan_id < (1 << 31):
+            raise CoreError(f"plan_id must be 0..2**31-1, found {plan_id}")
+        if flags & ~(F_DISABLED | F_REVOKED):
+            raise CoreError(f"flags may only combine FLAG_DISABLED and FLAG_REVOKED, found {flags:#x}")
+        cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(digest)
+        cdef int64_t other = self._find(d, NULL)
+        if other >= 0 and <uint64_t>other != k:
+            raise CoreError(f"digest already belongs to key index {other}")
+        cdef bytes blob = b""
+        if sc or any(li) or al[0] or al[1] or de[0] or de[1] or meta:
+            blob = _py.encode_ext(sc, al, de, li, bytes(meta))
+        cdef uint64_t eoff = 0, elen = len(blob)
+        if elen:
+            eoff = self.arena._ext_alloc(elen)
+            memcpy(self.ext + eoff, PyBytes_AS_STRING(blob), elen)
+        cdef Record *r = &self.records[k]
+        cdef bint was_live = (r.flags & F_LIVE) != 0
+        cdef uint64_t old_off = r.ext_off, old_len = r.ext_len
+        cdef uint8_t old1[32]
+        cdef uint8_t old2[32]
+        cdef bint had2 = was_live and r.grace_until_ms != 0
+        memcpy(old1, r.digest, 32)
+        memcpy(old2, r.digest2, 32)
+        _w_begin(r)
+        r.flags = F_LIVE | flags
+        r.plan_id = plan_id
+        r.not_before_ms = not_before_ms
+        r.expires_ms = expires_ms
+        r.grace_until_ms = 0
+        r.ext_off = eoff
+        r.ext_len = elen
+        r.gen = r.gen + 1 if was_live else 1
+        memcpy(r.digest, d, 32)
+        memset(r.digest2, 0, 32)
+        _w_end(r)
+        if not was_live:
+            self.hdr.live_keys += 1
+            self._insert(d, k)
+        else:
+            if other < 0:
+                self._insert(d, k)
+            if not _eq32(old1, d):
+                self._remove(old1, k)
+            if had2 and not _eq32(old2, d):
+                self._remove(old2, k)
+            self._ensure_findable(k)
+            self.arena._ext_free(old_off, old_len)
+
+    def rotate(self, key_index, bytes new_digest not None, int64_t grace_until_ms):
+        """New digest for a live key; the old one stays valid while now_ms < grace_until_ms (0: not at all)."""
+        self.arena._require_writer()
+        cdef uint64_t k = self._k(key_index)
+        cdef Record *r = &self.records[k]
+        if not (r.flags & F_LIVE):
+            raise CoreError(f"key index {key_index} is not in use")
+        _py._check_digest(new_digest)
+        cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(new_digest)
+        cdef int64_t other = self._find(d, NULL)
+        if other >= 0:
+            raise CoreError(f"digest already belongs to key index {other}")
+        cdef uint8_t old1[32]
+        cdef uint8_t old2[32]
+        cdef bint had2 = r.grace_until_ms != 0
+        memcpy(old1, r.digest, 32)
+        memcpy(old2, r.digest2, 32)
+        self._insert(d, k)
+        _w_begin(r)
+        memcpy(r.digest, d, 32)
+        if grace_until_ms > 0:
+            memcpy(r.digest2, old1, 32)
+            r.grace_until_ms = grace_until_ms
+        else:
+            memset(r.digest2, 0, 32)
+            r.grace_until_ms = 0
+        r.gen += 1
+        _w_end(r)
+        if had2:
+            self._remove(old2, k)
+        if grace_until_ms <= 0:
+            self._remove(old1, k)
+        self._ensure_findable(k)
+
+    cdef bint _set_flags(self, key_index, uint32_t setm, uint32_t clearm) except -1:
+        self.arena._require_writer()
+        cdef uint64_t k = self._k(key_index)
+        cdef Record *r = &self.records[k]
+        if not (r.flags & F_LIVE):
+            return False
+        _w_begin(r)
+        r.flags = (r.flags | setm) & ~clearm
+        r.gen += 1
+        _w_end(r)
+        return True
+
+    def revoke(self, key_index):
+        """Every worker sees KEY_REVOKED from its next lookup on. False if the index is free."""
+        return self._set_flags(key_index, F_REVOKED, 0)
+
+    def set_disabled(self, key_index, disabled):
+        return self._set_flags(key_index, F_DISABLED if disabled else 0, 0 if disabled else F_DISABLED)
+
+    def delete(self, key_index):
+        self.arena._require_writer()
+        cdef uint64_t k = self._k(key_index)
+        cdef Record *r = &self.records[k]
+        if not (r.flags & F_LIVE):
+            return False
+        cdef bint had2 = r.grace_until_ms != 0
+        _w_begin(r)
+        r.flags = 0
+        _w_end(r)
+        self._remove(r.digest, k)
+        if had2:
+            self._remove(r.digest2, k)
+        self.arena._ext_free(r.ext_off, r.ext_len)
+        _w_begin(r)
+        r.ext_off = 0
+        r.ext_len = 0
+        r.grace_until_ms = 0
+        _w_end(r)
+        self.hdr.live_keys -= 1
+        return True
+
+    def sweep(self, int64_t now_ms):
+        """Forget rotated-out digests whose grace has ended; returns how many."""
+        self.arena._require_writer()
+        cdef uint64_t k
+        cdef Record *r
+        cdef uint8_t old2[32]
+        cdef int n = 0
+        for k in range(self.cap):
+            r = &self.records[k]
+            if (r.flags & F_LIVE) and r.grace_until_ms != 0 and now_ms >= r.grace_until_ms:
+                memcpy(old2, r.digest2, 32)
+                _w_begin(r)
+                r.grace_until_ms = 0
+                memset(r.digest2, 0, 32)
+                r.gen += 1
+                _w_end(r)
+                self._remove(old2, k)
+                self._ensure_findable(k)
+                n += 1
+        return n
+
+    # ---------------------------------------------------------- readers (cold)
+
+    cdef int _snapshot(self, uint64_t k, Record *out) except -1:
+        cdef Record *r = &self.records[k]
+        cdef uint32_t s1
+        cdef uint64_t spins = 0
+        while True:
+            s1 = fg_load32_acq(&r.seq)
+            if not (s1 & 1):
+                memcpy(out, r, sizeof(Record))
+                fg_fence_acq()
+                if fg_load32_rlx(&r.seq) == s1:
+                    return 0
+            spins += 1
+            if spins > SPIN_MAX:
+                raise CoreError(f"key record {k} stayed locked by the writer (writer died mid-write?)")
+            fg_cpu_relax()
+
+    cdef object _ext_copy(self, uint64_t k):
+        """(record snapshot fields, bytes of its extension), consistent with each other."""
+        cdef Record *r = &self.records[k]
+        cdef Record snap
+        cdef uint32_t s1
+        cdef uint64_t spins = 0
+        cdef bytes blob
+        while True:
+            s1 = fg_load32_acq(&r.seq)
+            if not (s1 & 1):
+                memcpy(&snap, r, sizeof(Record))
+                if snap.ext_off != 0 and snap.ext_off + snap.ext_len <= self.ext_bytes:
+                    blob = PyBytes_FromStringAndSize(<char *>(self.ext + snap.ext_off), snap.ext_len)
+                else:
+                    blob = b""
+                fg_fence_acq()
+                if fg_load32_rlx(&r.seq) == s1:
+                    return snap, blob
+            spins += 1
+            if spins > SPIN_MAX:
+                raise CoreError(f"key record {k} stayed locked by the writer (writer died mid-write?)")
+
+    def info(self, key_index):
+        cdef uint64_t k = self._k(key_index)
+        snap, blob = self._ext_copy(k)
+        if not (snap["flags"] & F_LIVE):
+            return None
+        n_scopes, limits = 0, [0] * N_WIN
+        if blob:
+            n_scopes = int.from_bytes(blob[4:8], "little")
+            limits = [int.from_bytes(blob[32 + 4 * i:36 + 4 * i], "little") for i in range(N_WIN)]
+        return dict(
+            index=key_index, flags=snap["flags"] & ~F_LIVE, plan_id=snap["plan_id"],
+            not_before_ms=snap["not_before_ms"], expires_ms=snap["expires_ms"],
+            grace_until_ms=snap["grace_until_ms"], has_old_digest=snap["grace_until_ms"] != 0,
+            n_scopes=n_scopes, limits=limits, generation=snap["gen"],
+        )
+
+    def meta(self, key_index):
+        cdef uint64_t k = self._k(key_index)
+        snap, blob = self._ext_copy(k)
+        if not (snap["flags"] & F_LIVE) or not blob:
+            return b""
+        mlen = int.from_bytes(blob[24:28], "little")
+        total = int.from_bytes(blob[0:4], "little")
+        return blob[total - mlen:total]
+
+    def generation(self, key_index):
+        cdef Record snap
+        self._snapshot(self._k(key_index), &snap)
+        return snap.gen if snap.flags & F_LIVE else 0
+
+    cdef int _load_limits(self, uint64_t k, uint32_t *out) except -1:
+        cdef uint64_t i
+        memset(out, 0, 4 * N_WIN)
+        if k >= self.cap:
+            return 0
+        snap, blob = self._ext_copy(k)
+        if (snap["flags"] & F_LIVE) and blob:
+            for i in range(N_WIN):
+                out[i] = int.from_bytes(blob[32 + 4 * i:36 + 4 * i], "little")
+        return 0
+
+    def __len__(self):
+        return self.hdr.live_keys
+
+    def stats(self):
+        return dict(capacity=self.cap, live=self.hdr.live_keys, digests=self.hdr.digests,
+                    slots=self.nslots, tombstones=self.hdr.tombstones, ext_used=self.hdr.ext_bump,
+                    ext_bytes=self.ext_bytes)
+
+
+cdef inline int64_t _ext_eval(const uint8_t *b, uint64_t blen, int mbit, const uint8_t *pp, Py_ssize_t pn,
+                              int pv, uint32_t p4, uint64_t ph, uint64_t pl, uint32_t *lim) noexcept nogil:
+    # Reads a block that the writer may be recycling right now: every count and
+    # offset is bounds-checked so torn data can only produce a wrong answer,
+    # which the caller's seq check then throws away.
+    cdef const uint32_t *H = <const uint32_t *>b
+    cdef uint64_t total = H[0], ns = H[1], a4 = H[2], a6 = H[3], d4 = H[4], d6 = H[5]
+    cdef uint64_t fixed, i, plen, poff
+    cdef const uint8_t *s
+    cdef const uint32_t *r4
+    cdef const uint64_t *r6
+    cdef bint ok
+    cdef uint16_t methods
+    cdef uint8_t kind
+    if total > blen:
+        return C_KEY_BUSY
+    fixed = EXT_HEADER + 8 * ns + 8 * (a4 + d4) + 32 * (a6 + d6)
+    if fixed > total:
+        return C_KEY_BUSY
+    memcpy(lim, H + 8, 4 * N_WIN)
+    if ns:
+        ok = False
+        s = b + EXT_HEADER
+        for i in range(ns):
+            memcpy(&methods, s + 8 * i, 2)
+            kind = s[8 * i + 2]
+            plen = (<const uint16_t *>(s + 8 * i + 4))[0]
+            poff = (<const uint16_t *>(s + 8 * i + 6))[0]
+            if poff + plen > total:
+                return C_KEY_BUSY
+            if not (methods & mbit) or <uint64_t>pn < plen:
+                continue
+            if plen and memcmp(pp, b + poff, plen):
+                continue
+            if kind == 0:
+                ok = <uint64_t>pn == plen
+            elif kind == 2:
+                ok = True
+            else:
+                ok = <uint64_t>pn == plen or pp[plen] == 0x2F
+            if ok:
+                break
+        if not ok:
+            return C_SCOPE_DENIED
+    if a4 | a6 | d4 | d6:
+        r4 = <const uint32_t *>(b + EXT_HEADER + 8 * ns)
+        r6 = <const uint64_t *>(b + EXT_HEADER + 8 * ns + 8 * (a4 + d4))
+        if pv == 4:
+            if d4 and _in4(r4 + 2 * a4, <uint32_t>d4, p4):
+                return C_KEY_IP_DENIED
+            if (a4 | a6) and not (a4 and _in4(r4, <uint32_t>a4, p4)):
+                return C_KEY_IP_DENIED
+        elif pv == 6:
+            if d6 and _in6(r6 + 4 * a6, <uint32_t>d6, ph, pl):
+                return C_KEY_IP_DENIED
+            if (a4 | a6) and not (a6 and _in6(r6, <uint32_t>a6, ph, pl)):
+                return C_KEY_IP_DENIED
+        elif a4 | a6:
+            return C_KEY_IP_DENIED
+    return 0
+
+
+# ------------------------------------------------------------------ rate table
+
+cdef inline int64_t _days_from_civil(int64_t y, int64_t m) noexcept nogil:
+    # H. Hinnant's days_from_civil, day 1 of month m
+    cdef int64_t era, yoe, doy, doe
+    if m <= 2:
+        y -= 1
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+cdef inline void _civil(int64_t z, int64_t *y, int64_t *m) noexcept nogil:
+    cdef int64_t era, doe, yoe, doy, mp
+    z += 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    m[0] = mp + 3 if mp < 10 else mp - 9
+    y[0] = yoe + era * 400 + (1 if m[0] <= 2 else 0)
+
+cdef int64_t _WIN_MS[4]
+_WIN_MS[0] = 1000
+_WIN_MS[1] = 60000
+_WIN_MS[2] = 3600000
+_WIN_MS[3] = 86400000
+
+cdef inline void _bounds(int w, int64_t now, int64_t *ep, int64_t *start, int64_t *W, int64_t *W2) noexcept nogil:
+    cdef int64_t y, m, s, ns, nns
+    if w < 4:
+        W[0] = _WIN_MS[w]
+        W2[0] = W[0]
+        ep[0] = now // W[0]
+        start[0] = ep[0] * W[0]
+        return
+    _civil(now // 86400000, &y, &m)
+    s = _days_from_civil(y, m)
+    ns = _days_from_civil(y + (m == 12), 1 if m == 12 else m + 1)
+    nns = _days_from_civil(y + (m >= 11), (m + 2 - 12) if m >= 11 else m + 2)
+    ep[0] = y * 12 + m - 1
+    start[0] = s * 86400000
+    W[0] = (ns - s) * 86400000
+    W2[0] = (nns - ns) * 86400000
+
+cdef inline uint64_t _retry(uint64_t L, uint64_t c, uint64_t prev, uint64_t curr, uint64_t W, uint64_t W2,
+                            uint64_t t) noexcept nogil:
+    # mirrors _core_py.retry_after
+    if c > L:
+        return W - t
+    if curr + c <= L:
+        return W - ((L - curr - c) * W) // prev - t
+    return (W - t) + W2 - ((L - c) * W2) // curr
+
+
+cdef class RateTable:
+    """Sliding-window counters in the arena, shared by every process.
+
+    Estimate per window: ceil(prev * (W - t) / W) + curr, with prev/curr the
+    previous and current aligned windows and t the time into the current one.
+    """
+
+    cdef Arena arena
+    cdef RateEntry *rates
+    cdef uint64_t mask
+    cdef uint64_t probes
+    cdef uint64_t *pol_ns
+    cdef uint32_t *pol_lim
+    cdef Py_ssize_t npol
+    cdef readonly int64_t limit
+    cdef readonly int64_t remaining
+    cdef readonly int64_t reset_ms
+    cdef readonly int64_t retry_after_ms
+
+    def __cinit__(self):
+        self.pol_ns = NULL
+        self.pol_lim = NULL
+        self.npol = 0
+
+    def __dealloc__(self):
+        free(self.pol_ns)
+        free(self.pol_lim)
+
+    def __init__(self, Arena arena not None):
+        self.arena = arena
+        self.rates = arena.rates
+        self.mask = arena.rate_mask
+        self.probes = min(arena.rate_cap, RATE_PROBES)
+
+    def policy(self, name, limits, where="limits"):
+        """Compile limits like ["10/second", "1000/day"]; returns a worker-local policy id.
+
+        Counters are keyed by (name, subject), so every worker that compiles the
+        same name shares them, whatever order policies are defined in.
+        """
+        if not isinstance(name, str) or not name:
+            raise CoreError(f"policy name must be a non-empty string, found {name!r}")
+        li = _py.compile_limits(limits, where)
+        cdef uint64_t *ns = <uint64_t *>realloc(self.pol_ns, 8 * (self.npol + 1))
+        if ns == NULL:
+            raise MemoryError()
+        self.pol_ns = ns
+        cdef uint32_t *pl = <uint32_t *>realloc(self.pol_lim, 4 * N_WIN * (self.npol + 1))
+        if pl == NULL:
+            raise MemoryError()
+        self.pol_lim = pl
+        self.pol_ns[self.npol] = _py.name_hash(name)
+        for i in range(N_WIN):
+            self.pol_lim[N_WIN * self.npol + i] = li[i]
+        self.npol += 1
+        return self.npol - 1
+
+    cdef int _pid(self, int64_t policy_id) except -1:
+        if policy_id < 0 or policy_id >= self.npol:
+            raise CoreError(f"unknown rate policy id {policy_id}")
+        return 0
+
+    def hit(self, int64_t policy_id, uint64_t subject, int64_t now_ms, uint32_t cost=1):
+        """Count one request; remaining >= 0 if admitted, RATE_LIMITED or RATE_TABLE_FULL otherwise."""
+        self._pid(policy_id)
+        return self._hit(self.pol_ns[policy_id], &self.pol_lim[N_WIN * policy_id], subject, now_ms, cost)
+
+    def hit_key(self, int64_t policy_id, KeyTable keys not None, int64_t key_index, int64_t now_ms, uint32_t cost=1):
+        """hit() for a key: the key's own limits replace the policy's, window by window."""
+        cdef uint32_t own[N_WIN]
+        cdef uint32_t merged[N_WIN]
+        cdef int i
+        self._pid(policy_id)
+        if keys.last_index == key_index:
+            memcpy(own, keys.last_limits, sizeof(own))
+        else:
+            keys._load_limits(<uint64_t>key_index, own)
+        for i in range(N_WIN):
+            merged[i] = own[i] if own[i] else self.pol_lim[N_WIN * policy_id + i]
+        return self._hit(self.pol_ns[policy_id], merged, <uint64_t>key_index, now_ms, cost)
+
+    cdef RateEntry *_entry(self, uint64_t key) noexcept:
+        cdef uint64_t i = key & self.mask, n, cur, exp
+        cdef RateEntry *e
+        for n in range(self.probes):
+            e = &self.rates[i]
+            # acquire: a claimed key's buckets are only ever CASed, so seeing
+            # the key is enough; no other publication to wait for
+            cur = fg_load64_acq(&e.key)
+            if cur == key:
+                return e
+            if cur == 0:
+                exp = 0
+                # claim the empty entry; losing the race to the same key is a hit
+                if fg_cas64(&e.key, &exp, key):
+                    fg_add64(&self.arena.hdr.rate_used, 1)
+                    return e
+                if exp == key:
+                    return e
+            i = (i + 1) & self.mask
+        return NULL
+
+    cdef int64_t _hit(self, uint64_t ns, const uint32_t *lim, uint64_t subject, int64_t now, uint32_t cost) noexcept:
+        cdef int w, j
+        cdef bint any_lim = False
+        for w in range(N_WIN):
+            if lim[w]:
+                any_lim = True
+        if not any_lim:
+            self.limit = C_UNLIMITED
+            self.remaining = C_UNLIMITED
+            self.reset_ms = 0
+            self.retry_after_ms = 0
+            return C_UNLIMITED
+        cdef uint64_t key = _mix64(ns ^ _mix64(subject))
+        if key == 0:
+            key = 1
+        cdef RateEntry *e = self._entry(key)
+        if e == NULL:
+            return C_RATE_TABLE_FULL
+        cdef int64_t ep, start, W, W2, t
+        cdef uint32_t ep32, ce
+        cdef uint64_t L, pv, cv, nv, prev, curr, pw, rem
+        cdef uint64_t *cur
+        cdef uint64_t written[N_WIN]
+        cdef uint64_t *slot[N_WIN]
+        cdef int done = 0
+        cdef uint64_t best_rem = ALL64, best_lim = 0
+        cdef int64_t best_reset = 0
+        for w in range(N_WIN):
+            L = lim[w]
+            if L == 0:
+                continue
+            _bounds(w, now, &ep, &start, &W, &W2)
+            t = now - start
+            ep32 = <uint32_t>ep
+            cur = &e.b[2 * w + (ep32 & 1)]
+            # acquire loads: other processes CAS these words concurrently
+            pv = fg_load64_acq(&e.b[2 * w + ((ep32 & 1) ^ 1)])
+            prev = (pv & LO32) if <uint32_t>(pv >> 32) == <uint32_t>(ep32 - 1) else 0
+            pw = (prev * <uint64_t>(W - t) + <uint64_t>W - 1) // <uint64_t>W
+            cv = fg_load64_acq(cur)
+            while True:
+                ce = <uint32_t>(cv >> 32)
+                if <uint32_t>(ce - ep32) < 0x80000000:
+                    curr = cv & LO32
+                else:
+                    curr = 0
+                    ce = ep32
+                if curr + cost + pw > L:
+                    # refused: give back what earlier windows took, so a hit
+                    # is all-or-nothing (others may see the transient count and
+                    # refuse too: errs towards refusing, never over-admits)
+                    for j in range(w):
+                        if done & (1 << j):
+                            _undo(slot[j], written[j], cost)
+                    self.limit = <int64_t>L
+                    self.remaining = 0
+                    self.reset_ms = W - t
+                    self.retry_after_ms = <int64_t>_retry(L, cost, prev, curr, <uint64_t>W, <uint64_t>W2, <uint64_t>t)
+                    return C_RATE_LIMITED
+                nv = (<uint64_t>ce << 32) | (curr + cost)
+                # CAS: the check above and this add are one atomic step, so
+                # concurrent hits can never push the count past the limit
+                if fg_cas64(cur, &cv, nv):
+                    break
+            written[w] = nv
+            slot[w] = cur
+            done |= 1 << w
+            rem = L - (curr + cost + pw)
+            if rem < best_rem:
+                best_rem = rem
+                best_lim = L
+                best_reset = W - t
+        self.limit = <int64_t>best_lim
+        self.remaining = <int64_t>best_rem
+        self.reset_ms = best_reset
+        self.retry_after_ms = 0
+        return <int64_t>best_rem
+
+    def stats(self):
+        return dict(capacity=self.arena.rate_cap, used=self.arena.hdr.rate_used)
+
+
+cdef inline void _undo(uint64_t *p, uint64_t written, uint32_t cost) noexcept nogil:
+    cdef uint64_t v = fg_load64_acq(p)
+    # CAS loop: only take back from the same epoch we added to; if the bucket
+    # has rolled over, our count went with it
+    while (v >> 32) == (written >> 32) and (v & LO32) >= cost:
+        if fg_cas64(p, &v, v - cost):
+            return

@@ -1,0 +1,924 @@
+"""Pure-Python twin of fastgate._core: same classes, same return codes.
+
+Two roles:
+
+* the reference implementation every core test also runs against
+  (``FASTGATE_PURE=1`` selects it at run time), so the twins cannot drift;
+* the home of the cold-path compilers (scope patterns, CIDR lists, limit
+  strings, the arena layout) that ``_core.pyx`` imports, so parse rules and
+  error messages exist exactly once.
+
+The twin keeps its tables in Python objects: it does NOT share state across
+processes. Multi-process behaviour is a property of the Cython core only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import calendar
+import hashlib
+import ipaddress
+import mmap
+import os
+import re
+import secrets
+import struct
+import zlib
+
+# ---------------------------------------------------------------- constants
+
+LAYOUT_VERSION = 1
+MAGIC = int.from_bytes(b"FGARENA1", "little")
+HEADER_SIZE = 4096
+RECORD_SIZE = 128
+RATE_ENTRY_SIZE = 96
+EXT_MIN_BLOCK = 64
+EXT_CLASSES = 24
+
+# Return codes. Negative, distinct across tables, so one mapping turns any of
+# them into an HTTP error.
+NO_SUCH_KEY = -1
+KEY_REVOKED = -2
+KEY_DISABLED = -3
+KEY_EXPIRED = -4
+KEY_NOT_YET_VALID = -5
+SCOPE_DENIED = -6
+KEY_IP_DENIED = -7
+KEY_BUSY = -8
+KEY_MALFORMED = -9
+RATE_LIMITED = -10
+RATE_TABLE_FULL = -11
+
+UNLIMITED = 0x7FFFFFFF
+
+FLAG_LIVE = 1
+FLAG_DISABLED = 2
+FLAG_REVOKED = 4
+
+METHOD_BITS = {
+    b"GET": 1 << 0,
+    b"HEAD": 1 << 1,
+    b"POST": 1 << 2,
+    b"PUT": 1 << 3,
+    b"DELETE": 1 << 4,
+    b"PATCH": 1 << 5,
+    b"OPTIONS": 1 << 6,
+    b"TRACE": 1 << 7,
+    b"CONNECT": 1 << 8,
+}
+METHOD_OTHER = 1 << 15
+METHOD_ALL = 0xFFFF
+
+SCOPE_EXACT = 0
+SCOPE_SEGMENT = 1
+SCOPE_PREFIX = 2
+
+WINDOWS = ("second", "minute", "hour", "day", "month")
+WINDOW_MS = (1_000, 60_000, 3_600_000, 86_400_000, 0)  # 0: calendar month, UTC
+N_WINDOWS = 5
+MAX_LIMIT = 0xFFFFFFFE
+
+KEY_PREFIX = b"fg_"
+KEY_ID_MAX = 32
+KEY_SECRET_MIN = 27  # 27 base62 chars >= 160 bits
+KEY_SECRET_MAX = 64
+KEY_CHECK_LEN = 6
+B62 = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_B62_VAL = {c: i for i, c in enumerate(B62)}
+
+M64 = (1 << 64) - 1
+
+
+class CoreError(Exception):
+    """Cold-path misuse of the core: bad config input, layout mismatch, full table."""
+
+
+# ---------------------------------------------------------------- key format
+
+
+def key_checksum(body: bytes) -> bytes:
+    n = zlib.crc32(body)
+    out = bytearray(KEY_CHECK_LEN)
+    for i in range(KEY_CHECK_LEN - 1, -1, -1):
+        n, r = divmod(n, 62)
+        out[i] = B62[r]
+    return bytes(out)
+
+
+def make_key(key_id: str) -> str:
+    """``fg_<id>_<secret><check>``: 160+ bits of secret, CRC-32 in base62."""
+    kid = key_id.encode()
+    if not (0 < len(kid) <= KEY_ID_MAX and kid.isalnum() and kid.isascii()):
+        raise CoreError(f"key id must be 1..{KEY_ID_MAX} ASCII letters or digits, found {key_id!r}")
+    secret = bytes(B62[secrets.randbelow(62)] for _ in range(32))
+    body = KEY_PREFIX + kid + b"_" + secret
+    return (body + key_checksum(body)).decode()
+
+
+def key_well_formed(key: bytes) -> bool:
+    if not key.startswith(KEY_PREFIX):
+        return False
+    sep = key.find(b"_", 3)
+    if sep < 4 or sep - 3 > KEY_ID_MAX:
+        return False
+    rest = len(key) - sep - 1 - KEY_CHECK_LEN
+    if not KEY_SECRET_MIN <= rest <= KEY_SECRET_MAX:
+        return False
+    for c in key[3:sep]:
+        if c not in _B62_VAL:
+            return False
+    for c in key[sep + 1 :]:
+        if c not in _B62_VAL:
+            return False
+    return key_checksum(key[:-KEY_CHECK_LEN]) == key[-KEY_CHECK_LEN:]
+
+
+def key_id_of(key: bytes) -> bytes:
+    """Public id part of a well-formed key (for logs and lookups in the store)."""
+    return key[3 : key.find(b"_", 3)]
+
+
+def key_digest(secret: bytes, key: bytes) -> bytes:
+    """The keyed digest the tables store: BLAKE2b-256 keyed with the server secret."""
+    return hashlib.blake2b(key, key=secret, digest_size=32).digest()
+
+
+def _check_secret(secret) -> bytes:
+    if not isinstance(secret, (bytes, bytearray)) or not 1 <= len(secret) <= 64:
+        found = f"{len(secret)} bytes" if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
+        raise CoreError(f"server secret must be 1..64 bytes, found {found}")
+    return bytes(secret)
+
+
+# ---------------------------------------------------------------- hashing helpers
+
+
+def mix64(x: int) -> int:
+    """splitmix64 finaliser; the Cython core uses the same arithmetic."""
+    x &= M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def entry_key(namespace: int, subject: int) -> int:
+    k = mix64(namespace ^ mix64(subject & M64))
+    return k or 1
+
+
+def name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def addr_hash(peer: bytes) -> int:
+    """Subject for per-IP limits: a 63-bit hash of the packed address."""
+    return int.from_bytes(hashlib.blake2b(peer, digest_size=8).digest(), "little") >> 1
+
+
+# ---------------------------------------------------------------- cold-path compilers
+
+
+def method_bit(method: bytes) -> int:
+    return METHOD_BITS.get(method, METHOD_OTHER)
+
+
+def _methods_mask(text: str, where: str, spec: str) -> int:
+    if text == "*":
+        return METHOD_ALL
+    mask = 0
+    for m in text.split(","):
+        bit = METHOD_BITS.get(m.strip().upper().encode())
+        if bit is None:
+            raise CoreError(
+                f"cannot parse scope {spec!r} at {where}: unknown method {m.strip()!r}, "
+                f"expected one of {', '.join(b.decode() for b in METHOD_BITS)} or '*'"
+            )
+        mask |= bit
+    return mask
+
+
+def compile_scopes(scopes, where: str = "scopes") -> list[tuple[int, int, bytes]]:
+    """``["GET /orders/*", "* /public*", "GET,POST /x"]`` -> [(methods, kind, path)].
+
+    ``/orders``   exact; ``/orders/*`` the segment /orders and everything under it;
+    ``/orders*``  raw prefix; ``*`` or ``/*`` every path.
+    """
+    out = []
+    for i, spec in enumerate(scopes or ()):
+        at = f"{where}[{i}]"
+        if not isinstance(spec, str):
+            raise CoreError(f"cannot parse scope at {at}: expected a string, found {type(spec).__name__}")
+        parts = spec.split()
+        if len(parts) != 2:
+            raise CoreError(f"cannot parse scope {spec!r} at {at}: expected 'METHOD[,METHOD] /path', found {len(parts)} words")
+        mtext, path = parts
+        mask = _methods_mask(mtext, at, spec)
+        if path == "*":
+            path = "/*"
+        if not path.startswith("/"):
+            raise CoreError(f"cannot parse scope {spec!r} at {at}: path must start with '/', found {path!r}")
+        if path.endswith("/*"):
+            kind, p = SCOPE_SEGMENT, path[:-2]
+        elif path.endswith("*"):
+            kind, p = SCOPE_PREFIX, path[:-1]
+        else:
+            kind, p = SCOPE_EXACT, path
+        if "*" in p:
+            raise CoreError(f"cannot parse scope {spec!r} at {at}: '*' is only allowed at the end of the path")
+        pb = p.encode()
+        if len(pb) > 0xFFFF:
+            raise CoreError(f"cannot parse scope at {at}: path longer than 65535 bytes")
+        out.append((mask, kind, pb))
+    return out
+
+
+def scope_allows(scopes, mbit: int, path: bytes) -> bool:
+    if not scopes:
+        return True
+    for mask, kind, p in scopes:
+        if not mask & mbit:
+            continue
+        if kind == SCOPE_EXACT:
+            if path == p:
+                return True
+        elif kind == SCOPE_PREFIX:
+            if path.startswith(p):
+                return True
+        elif path.startswith(p) and (len(path) == len(p) or path[len(p)] == 0x2F):
+            return True
+    return False
+
+
+_V4_MAPPED = (0xFFFF << 32, (0xFFFF << 32) | 0xFFFFFFFF)
+
+
+def _merge(ranges):
+    ranges.sort()
+    out = []
+    for lo, hi in ranges:
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1][1] = hi
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def compile_cidrs(cidrs, where: str = "cidrs") -> tuple[list, list]:
+    """Parse, then merge into sorted disjoint (lo, hi) ranges: (v4, v6).
+
+    v6 networks inside ::ffff:0:0/96 also land in the v4 list, because a
+    v4-mapped peer is matched as the IPv4 address it carries.
+    """
+    if isinstance(cidrs, (str, bytes)):
+        raise CoreError(f"cannot parse CIDRs at {where}: expected a list of strings, found a single {type(cidrs).__name__}")
+    v4, v6 = [], []
+    for i, c in enumerate(cidrs or ()):
+        if not isinstance(c, str):
+            raise CoreError(f"cannot parse CIDR at {where}[{i}]: expected a string, found {type(c).__name__}")
+        try:
+            net = ipaddress.ip_network(c.strip())
+        except ValueError as exc:
+            raise CoreError(f"cannot parse CIDR {c!r} at {where}[{i}]: {exc}") from None
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        if net.version == 4:
+            v4.append((lo, hi))
+        else:
+            v6.append((lo, hi))
+            if lo >= _V4_MAPPED[0] and hi <= _V4_MAPPED[1]:
+                v4.append((lo & 0xFFFFFFFF, hi & 0xFFFFFFFF))
+    return _merge(v4), _merge(v6)
+
+
+def peer_int(peer: bytes) -> tuple[int, int]:
+    """(4, v4) or (6, v6) or (0, 0) for anything else; v4-mapped v6 becomes v4."""
+    n = len(peer)
+    if n == 4:
+        return 4, int.from_bytes(peer, "big")
+    if n == 16:
+        x = int.from_bytes(peer, "big")
+        if x >> 32 == 0xFFFF:
+            return 4, x & 0xFFFFFFFF
+        return 6, x
+    return 0, 0
+
+
+def ranges_contain(los, his, x: int) -> bool:
+    i = bisect.bisect_right(los, x) - 1
+    return i >= 0 and x <= his[i]
+
+
+def compile_limits(limits, where: str = "limits") -> list[int]:
+    """``["10/second", (1000, "day")]`` -> five limits (0 = none) by window kind."""
+    out = [0] * N_WINDOWS
+    for i, spec in enumerate(limits or ()):
+        at = f"{where}[{i}]"
+        if isinstance(spec, str):
+            m = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+)\s*", spec)
+            if m is None:
+                raise CoreError(f"cannot parse limit {spec!r} at {at}: expected 'N/second|minute|hour|day|month'")
+            n, unit = int(m.group(1)), m.group(2)
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], int) and isinstance(spec[1], str):
+            n, unit = spec
+        else:
+            raise CoreError(f"cannot parse limit {spec!r} at {at}: expected 'N/unit' or (N, unit)")
+        if unit not in WINDOWS:
+            raise CoreError(f"cannot parse limit {spec!r} at {at}: unknown window {unit!r}, expected one of {', '.join(WINDOWS)}")
+        if not 1 <= n <= MAX_LIMIT:
+            raise CoreError(f"cannot parse limit {spec!r} at {at}: expected 1..{MAX_LIMIT} requests, found {n}")
+        w = WINDOWS.index(unit)
+        if out[w]:
+            raise CoreError(f"cannot parse limit {spec!r} at {at}: a {unit} limit is already set")
+        out[w] = n
+    return out
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def layout(key_capacity: int, rate_capacity: int, ext_bytes: int | None) -> dict:
+    """Offsets of the regions inside the arena (64-byte aligned, offsets only)."""
+    if not isinstance(key_capacity, int) or not 1 <= key_capacity <= (1 << 30):
+        raise CoreError(f"key_capacity must be 1..{1 << 30}, found {key_capacity!r}")
+    if not isinstance(rate_capacity, int) or not 1 <= rate_capacity <= (1 << 30):
+        raise CoreError(f"rate_capacity must be 1..{1 << 30}, found {rate_capacity!r}")
+    if ext_bytes is None:
+        ext_bytes = max(64 * key_capacity, 1 << 16)
+    if not isinstance(ext_bytes, int) or not (1 << 12) <= ext_bytes <= (1 << 40):
+        raise CoreError(f"ext_bytes must be 4096..2**40, found {ext_bytes!r}")
+    ext_bytes = (ext_bytes + 63) & ~63
+    key_slots = _pow2(max(4 * key_capacity, 16))
+    rate_cap = _pow2(rate_capacity)
+    off_slots = HEADER_SIZE
+    off_records = off_slots + 8 * key_slots
+    off_rate = off_records + RECORD_SIZE * key_capacity
+    off_ext = off_rate + RATE_ENTRY_SIZE * rate_cap
+    size = off_ext + ext_bytes
+    return dict(
+        key_capacity=key_capacity, key_slots=key_slots, rate_capacity=rate_cap, ext_bytes=ext_bytes,
+        off_slots=off_slots, off_records=off_records, off_rate=off_rate, off_ext=off_ext, size=size,
+    )
+
+
+# Header fields: (name, struct format, offset). Shared with _core.pyx, which
+# reads the same offsets through a C struct.
+HEADER_FIELDS = (
+    ("magic", "Q", 0), ("version", "I", 8), ("header_size", "I", 12), ("size", "Q", 16),
+    ("key_capacity", "Q", 24), ("key_slots", "Q", 32), ("rate_capacity", "Q", 40), ("ext_bytes", "Q", 48),
+    ("off_slots", "Q", 56), ("off_records", "Q", 64), ("off_rate", "Q", 72), ("off_ext", "Q", 80),
+    ("writer_pid", "q", 88),
+)
+
+
+def read_header(buf, what: str) -> dict:
+    if len(buf) < HEADER_SIZE:
+        raise CoreError(f"arena {what} is {len(buf)} bytes; expected at least the {HEADER_SIZE}-byte header")
+    h = {name: struct.unpack_from("=" + fmt, buf, off)[0] for name, fmt, off in HEADER_FIELDS}
+    if h["magic"] != MAGIC:
+        raise CoreError(f"arena {what} has magic {h['magic']:#x}; expected {MAGIC:#x} (not a fastgate arena)")
+    if h["version"] != LAYOUT_VERSION:
+        raise CoreError(f"arena {what} has layout v{h['version']}; this build expects v{LAYOUT_VERSION}")
+    want = layout(h["key_capacity"], h["rate_capacity"], h["ext_bytes"])
+    for k in ("key_slots", "off_slots", "off_records", "off_rate", "off_ext", "size"):
+        if h[k] != want[k]:
+            raise CoreError(f"arena {what} header field {k} is {h[k]}; expected {want[k]} for its capacities")
+    if len(buf) < h["size"]:
+        raise CoreError(f"arena {what} is {len(buf)} bytes; its header says {h['size']}")
+    return h
+
+
+def write_header(buf, lay: dict, writer_pid: int) -> None:
+    vals = dict(lay, magic=MAGIC, version=LAYOUT_VERSION, header_size=HEADER_SIZE, writer_pid=writer_pid)
+    for name, fmt, off in HEADER_FIELDS:
+        struct.pack_into("=" + fmt, buf, off, vals[name])
+
+
+def map_segment(size: int, path: str | None):
+    """Anonymous MAP_SHARED memory (inherited across fork), or a /dev/shm file."""
+    if path is None:
+        return mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise CoreError(f"cannot create arena file {path!r}: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def open_segment(path: str):
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise CoreError(f"cannot attach arena {path!r}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < HEADER_SIZE:
+            raise CoreError(f"arena {path!r} is {size} bytes; expected at least the {HEADER_SIZE}-byte header")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- extension blob (Cython layout)
+
+EXT_HEADER = 56
+
+
+def encode_ext(scopes, allow, deny, limits, meta: bytes) -> bytes:
+    """Variable-size part of a key record, as the Cython core reads it.
+
+    header (56 B): u32 total, n_scopes, n_allow4, n_allow6, n_deny4, n_deny6,
+    meta_len, limit_mask, limits[5], pad; then scopes (u16 methods, u8 kind,
+    u8 0, u16 len, u16 off), allow4 and deny4 (u32 lo, hi), allow6 and deny6
+    (u64 lo_hi, lo_lo, hi_hi, hi_lo), pattern bytes, meta bytes.
+    """
+    a4, a6 = allow
+    d4, d6 = deny
+    n_scope_bytes = 8 * len(scopes)
+    fixed = EXT_HEADER + n_scope_bytes + 8 * (len(a4) + len(d4)) + 32 * (len(a6) + len(d6))
+    pat = bytearray()
+    entries = []
+    for mask, kind, p in scopes:
+        off = fixed + len(pat)
+        if off + len(p) > 0xFFFF:
+            raise CoreError("key scopes are too large: patterns must fit in 64 KiB")
+        entries.append(struct.pack("=HBBHH", mask, kind, 0, len(p), off))
+        pat += p
+    total = fixed + len(pat) + len(meta)
+    mask = sum(1 << i for i, n in enumerate(limits) if n)
+    out = bytearray(struct.pack("=8I5II", total, len(scopes), len(a4), len(a6), len(d4), len(d6), len(meta), mask, *limits, 0))
+    for e in entries:
+        out += e
+    for lst in (a4, d4):
+        for lo, hi in lst:
+            out += struct.pack("=II", lo, hi)
+    for lst in (a6, d6):
+        for lo, hi in lst:
+            out += struct.pack("=QQQQ", lo >> 64, lo & M64, hi >> 64, hi & M64)
+    out += pat
+    out += meta
+    assert len(out) == total
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- time
+
+
+def window_bounds(w: int, now_ms: int) -> tuple[int, int, int, int]:
+    """(epoch, start_ms, length_ms, next_length_ms) of window kind w at now_ms."""
+    if w < 4:
+        W = WINDOW_MS[w]
+        e = now_ms // W
+        return e, e * W, W, W
+    days = now_ms // 86_400_000
+    y, m = _civil(days)
+    start = _days_from_civil(y, m) * 86_400_000
+    ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
+    nstart = _days_from_civil(ny, nm) * 86_400_000
+    nny, nnm = (ny + 1, 1) if nm == 12 else (ny, nm + 1)
+    nnstart = _days_from_civil(nny, nnm) * 86_400_000
+    return y * 12 + m - 1, start, nstart - start, nnstart - nstart
+
+
+def _civil(days: int) -> tuple[int, int]:
+    import datetime
+
+    d = datetime.date(1970, 1, 1) + datetime.timedelta(days=days)
+    return d.year, d.month
+
+
+def _days_from_civil(y: int, m: int) -> int:
+    return calendar.timegm((y, m, 1, 0, 0, 0)) // 86400
+
+
+def sliding_weight(prev: int, W: int, t: int) -> int:
+    """ceil(prev * (W - t) / W): the previous window's share, rounded against the client."""
+    return (prev * (W - t) + W - 1) // W
+
+
+def retry_after(limit: int, cost: int, prev: int, curr: int, W: int, W2: int, t: int) -> int:
+    """ms until `cost` more would be admitted, if no one else hits meanwhile."""
+    if cost > limit:
+        return W - t
+    if curr + cost <= limit:
+        room = limit - curr - cost
+        return W - (room * W) // prev - t
+    t2 = W2 - ((limit - cost) * W2) // curr
+    return (W - t) + t2
+
+
+# ---------------------------------------------------------------- classes
+
+
+class Arena:
+    """Process-local stand-in for the shared segment (no sharing across processes)."""
+
+    def __init__(self, lay: dict, mm, path: str | None, owner: bool):
+        self._layout = lay
+        self._mm = mm
+        self._path = path
+        self._owner = owner
+        self.writer_pid = os.getpid()
+        self._keys = None
+        self._rates = {}
+
+    @classmethod
+    def create(cls, key_capacity: int = 1_000_000, rate_capacity: int = 1 << 18, ext_bytes: int | None = None,
+               path: str | None = None) -> "Arena":
+        lay = layout(key_capacity, rate_capacity, ext_bytes)
+        mm = map_segment(HEADER_SIZE, path)
+        write_header(mm, lay, os.getpid())
+        return cls(lay, mm, path, True)
+
+    @classmethod
+    def attach(cls, path: str) -> "Arena":
+        raise CoreError(f"cannot attach arena {path!r}: the pure-Python core keeps tables in process memory")
+
+    @property
+    def size(self) -> int:
+        return self._layout["size"]
+
+    @property
+    def key_capacity(self) -> int:
+        return self._layout["key_capacity"]
+
+    @property
+    def rate_capacity(self) -> int:
+        return self._layout["rate_capacity"]
+
+    @property
+    def path(self):
+        return self._path
+
+    def header(self) -> dict:
+        return dict(self._layout, version=LAYOUT_VERSION, writer_pid=self.writer_pid)
+
+    def set_writer(self, pid: int) -> None:
+        _require_writer(self)
+        self.writer_pid = pid
+
+    def unlink(self) -> None:
+        if not self._owner:
+            raise CoreError("only the process that created the arena may unlink it")
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+
+
+
+def _require_writer(arena) -> None:
+    me = os.getpid()
+    if arena.writer_pid != me:
+        raise CoreError(f"only the writer process (pid {arena.writer_pid}) may write the arena; this is pid {me}")
+
+
+def _check_digest(d) -> bytes:
+    if not isinstance(d, bytes) or len(d) != 32:
+        raise CoreError(f"expected a 32-byte digest, found {type(d).__name__} of length {len(d) if isinstance(d, bytes) else '?'}")
+    return d
+
+
+class _Rec:
+    __slots__ = ("flags", "plan_id", "not_before_ms", "expires_ms", "grace_until_ms", "digest", "digest2",
+                 "scopes", "allow", "deny", "limits", "meta", "gen")
+
+
+class KeyTable:
+    """Key records by keyed digest. Readers: any worker; writer: arena.writer_pid."""
+
+    def __init__(self, arena: Arena, secret: bytes | None = None):
+        self._arena = arena
+        if arena._keys is None:
+            arena._keys = ({}, {})  # digest -> index, index -> _Rec
+        self._index, self._recs = arena._keys
+        self._secret = None if secret is None else _check_secret(secret)
+        self.last_plan = 0
+        self._last_index = -1
+        self._last_limits = [0] * N_WINDOWS
+
+    @property
+    def capacity(self) -> int:
+        return self._arena.key_capacity
+
+    def set_secret(self, secret: bytes) -> None:
+        self._secret = _check_secret(secret)
+
+    def digest(self, key: bytes) -> bytes:
+        if self._secret is None:
+            raise CoreError("no server secret set: pass secret= to KeyTable or call set_secret()")
+        return key_digest(self._secret, key)
+
+    # ---- hot path
+
+    def check_key(self, key: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
+        if self._secret is None or not key_well_formed(key):
+            return KEY_MALFORMED
+        return self.check(key_digest(self._secret, key), method_bit, path, peer, now_ms)
+
+    def check(self, digest: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
+        k = self._index.get(digest)
+        if k is None:
+            return NO_SUCH_KEY
+        r = self._recs.get(k)
+        if r is None:
+            return NO_SUCH_KEY
+        if digest != r.digest and not (digest == r.digest2 and now_ms < r.grace_until_ms):
+            return NO_SUCH_KEY
+        if r.flags & FLAG_REVOKED:
+            return KEY_REVOKED
+        if r.flags & FLAG_DISABLED:
+            return KEY_DISABLED
+        if now_ms < r.not_before_ms:
+            return KEY_NOT_YET_VALID
+        if r.expires_ms and now_ms >= r.expires_ms:
+            return KEY_EXPIRED
+        if not scope_allows(r.scopes, method_bit, path):
+            return SCOPE_DENIED
+        if r.allow[0] or r.allow[1] or r.deny[0] or r.deny[1]:
+            v, x = peer_int(peer)
+            if v:
+                i = 0 if v == 4 else 1
+                if _in(r.deny[i], x):
+                    return KEY_IP_DENIED
+                if (r.allow[0] or r.allow[1]) and not _in(r.allow[i], x):
+                    return KEY_IP_DENIED
+            elif r.allow[0] or r.allow[1]:
+                return KEY_IP_DENIED
+        self.last_plan = r.plan_id
+        self._last_index = k
+        self._last_limits = r.limits
+        return k
+
+    # ---- writer
+
+    def allocate(self) -> int:
+        _require_writer(self._arena)
+        for i in range(self.capacity):
+            if i not in self._recs:
+                return i
+        raise CoreError(f"key table full: all {self.capacity} records are in use (raise key_capacity)")
+
+    def _k(self, key_index) -> int:
+        if not isinstance(key_index, int) or not 0 <= key_index < self.capacity:
+            raise CoreError(f"key index must be 0..{self.capacity - 1}, found {key_index!r}")
+        return key_index
+
+    def put(self, key_index: int, digest: bytes, *, plan_id: int = 0, flags: int = 0, not_before_ms: int = 0,
+            expires_ms: int = 0, scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta: bytes = b"",
+            where: str = "key") -> None:
+        _require_writer(self._arena)
+        k = self._k(key_index)
+        _check_digest(digest)
+        r = _Rec()
+        r.scopes = compile_scopes(scopes, f"{where}.scopes")
+        r.allow = compile_cidrs(allow_cidrs, f"{where}.allow_cidrs")
+        r.deny = compile_cidrs(deny_cidrs, f"{where}.deny_cidrs")
+        r.limits = compile_limits(limits, f"{where}.limits")
+        if not 0 <= plan_id < (1 << 31):
+            raise CoreError(f"plan_id must be 0..2**31-1, found {plan_id}")
+        if flags & ~(FLAG_DISABLED | FLAG_REVOKED):
+            raise CoreError(f"flags may only combine FLAG_DISABLED and FLAG_REVOKED, found {flags:#x}")
+        other = self._index.get(digest)
+        if other is not None and other != k:
+            raise CoreError(f"digest already belongs to key index {other}")
+        r.meta = bytes(meta)
+        r.flags, r.plan_id = flags | FLAG_LIVE, plan_id
+        r.not_before_ms, r.expires_ms = not_before_ms, expires_ms
+        old = self._recs.get(k)
+        r.digest2, r.grace_until_ms = None, 0
+        if old is not None:
+            if old.digest != digest:
+                self._index.pop(old.digest, None)
+            if old.digest2 is not None and old.digest2 != digest:
+                self._index.pop(old.digest2, None)
+        r.digest = digest
+        r.gen = (old.gen + 1) if old is not None else 1
+        self._recs[k] = r
+        self._index[digest] = k
+
+    def rotate(self, key_index: int, new_digest: bytes, grace_until_ms: int) -> None:
+        _require_writer(self._arena)
+        r = self._live(key_index)
+        _check_digest(new_digest)
+        other = self._index.get(new_digest)
+        if other is not None:
+            raise CoreError(f"digest already belongs to key index {other}")
+        if r.digest2 is not None:
+            self._index.pop(r.digest2, None)
+        self._index[new_digest] = key_index
+        if grace_until_ms > 0:
+            r.digest2, r.grace_until_ms = r.digest, grace_until_ms
+        else:
+            self._index.pop(r.digest, None)
+            r.digest2, r.grace_until_ms = None, 0
+        r.digest = new_digest
+        r.gen += 1
+
+    def _live(self, key_index):
+        r = self._recs.get(self._k(key_index))
+        if r is None:
+            raise CoreError(f"key index {key_index} is not in use")
+        return r
+
+    def revoke(self, key_index: int) -> bool:
+        _require_writer(self._arena)
+        r = self._recs.get(self._k(key_index))
+        if r is None:
+            return False
+        r.flags |= FLAG_REVOKED
+        r.gen += 1
+        return True
+
+    def set_disabled(self, key_index: int, disabled: bool) -> bool:
+        _require_writer(self._arena)
+        r = self._recs.get(self._k(key_index))
+        if r is None:
+            return False
+        r.flags = (r.flags | FLAG_DISABLED) if disabled else (r.flags & ~FLAG_DISABLED)
+        r.gen += 1
+        return True
+
+    def delete(self, key_index: int) -> bool:
+        _require_writer(self._arena)
+        r = self._recs.pop(self._k(key_index), None)
+        if r is None:
+            return False
+        self._index.pop(r.digest, None)
+        if r.digest2 is not None:
+            self._index.pop(r.digest2, None)
+        return True
+
+    def sweep(self, now_ms: int) -> int:
+        _require_writer(self._arena)
+        n = 0
+        for r in self._recs.values():
+            if r.digest2 is not None and now_ms >= r.grace_until_ms:
+                self._index.pop(r.digest2, None)
+                r.digest2, r.grace_until_ms = None, 0
+                r.gen += 1
+                n += 1
+        return n
+
+    # ---- cold readers
+
+    def info(self, key_index: int):
+        r = self._recs.get(self._k(key_index))
+        if r is None:
+            return None
+        return dict(
+            index=key_index, flags=r.flags & ~FLAG_LIVE, plan_id=r.plan_id, not_before_ms=r.not_before_ms,
+            expires_ms=r.expires_ms, grace_until_ms=r.grace_until_ms, has_old_digest=r.digest2 is not None,
+            n_scopes=len(r.scopes), limits=list(r.limits), generation=r.gen,
+        )
+
+    def meta(self, key_index: int) -> bytes:
+        r = self._recs.get(self._k(key_index))
+        return b"" if r is None else r.meta
+
+    def generation(self, key_index: int) -> int:
+        r = self._recs.get(self._k(key_index))
+        return 0 if r is None else r.gen
+
+    def __len__(self) -> int:
+        return len(self._recs)
+
+    def stats(self) -> dict:
+        return dict(capacity=self.capacity, live=len(self._recs), digests=len(self._index))
+
+
+def _in(ranges, x: int) -> bool:
+    if not ranges:
+        return False
+    i = bisect.bisect_right(ranges, (x, 1 << 129)) - 1
+    return i >= 0 and x <= ranges[i][1]
+
+
+class CidrSet:
+    """Sorted merged ranges; contains() takes the 4- or 16-byte packed peer."""
+
+    __slots__ = ("_v4lo", "_v4hi", "_v6lo", "_v6hi", "where")
+
+    def __init__(self, v4, v6, where: str):
+        self._v4lo = [lo for lo, _ in v4]
+        self._v4hi = [hi for _, hi in v4]
+        self._v6lo = [lo for lo, _ in v6]
+        self._v6hi = [hi for _, hi in v6]
+        self.where = where
+
+    @classmethod
+    def compile(cls, cidrs, where: str = "cidrs") -> "CidrSet":
+        v4, v6 = compile_cidrs(cidrs, where)
+        return cls(v4, v6, where)
+
+    def contains(self, peer: bytes) -> bool:
+        v, x = peer_int(peer)
+        if v == 4:
+            return ranges_contain(self._v4lo, self._v4hi, x)
+        if v == 6:
+            return ranges_contain(self._v6lo, self._v6hi, x)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._v4lo) + len(self._v6lo)
+
+    @property
+    def ranges(self) -> tuple[int, int]:
+        return len(self._v4lo), len(self._v6lo)
+
+
+class RateTable:
+    """Sliding-window counters per (policy namespace, subject), five window kinds."""
+
+    def __init__(self, arena: Arena):
+        self._arena = arena
+        self._entries = arena._rates
+        self._policies: list[tuple[int, list[int]]] = []
+        self.limit = 0
+        self.remaining = 0
+        self.reset_ms = 0
+        self.retry_after_ms = 0
+
+    def policy(self, name: str, limits, where: str = "limits") -> int:
+        if not isinstance(name, str) or not name:
+            raise CoreError(f"policy name must be a non-empty string, found {name!r}")
+        self._policies.append((name_hash(name), compile_limits(limits, where)))
+        return len(self._policies) - 1
+
+    def _policy(self, policy_id):
+        if not isinstance(policy_id, int) or not 0 <= policy_id < len(self._policies):
+            raise CoreError(f"unknown rate policy id {policy_id!r}")
+        return self._policies[policy_id]
+
+    def hit(self, policy_id: int, subject: int, now_ms: int, cost: int = 1) -> int:
+        ns, limits = self._policy(policy_id)
+        return self._hit(ns, limits, subject, now_ms, cost)
+
+    def hit_key(self, policy_id: int, keys: KeyTable, key_index: int, now_ms: int, cost: int = 1) -> int:
+        ns, limits = self._policy(policy_id)
+        own = keys._last_limits if keys._last_index == key_index else self._key_limits(keys, key_index)
+        merged = [o or p for o, p in zip(own, limits)]
+        return self._hit(ns, merged, key_index, now_ms, cost)
+
+    @staticmethod
+    def _key_limits(keys, key_index):
+        r = keys._recs.get(key_index)
+        return r.limits if r is not None else [0] * N_WINDOWS
+
+    def _hit(self, ns: int, limits, subject: int, now_ms: int, cost: int) -> int:
+        if not any(limits):
+            self.limit = self.remaining = UNLIMITED
+            self.reset_ms = self.retry_after_ms = 0
+            return UNLIMITED
+        key = entry_key(ns, subject)
+        b = self._entries.get(key)
+        if b is None:
+            if len(self._entries) >= self._arena.rate_capacity:
+                return RATE_TABLE_FULL
+            b = self._entries[key] = [0] * (2 * N_WINDOWS)
+        best = None
+        undo = []
+        for w in range(N_WINDOWS):
+            L = limits[w]
+            if not L:
+                continue
+            e, start, W, W2 = window_bounds(w, now_ms)
+            e &= 0xFFFFFFFF
+            t = now_ms - start
+            ci, pi = 2 * w + (e & 1), 2 * w + (e & 1 ^ 1)
+            pv = b[pi]
+            prev = pv & 0xFFFFFFFF if pv >> 32 == (e - 1) & 0xFFFFFFFF else 0
+            pw = sliding_weight(prev, W, t)
+            cv = b[ci]
+            ce = cv >> 32
+            if ((ce - e) & 0xFFFFFFFF) < 0x80000000:
+                curr, we = cv & 0xFFFFFFFF, ce
+            else:
+                curr, we = 0, e
+            if curr + cost + pw > L:
+                for i, c in undo:
+                    if b[i] >> 32 == c >> 32 and b[i] & 0xFFFFFFFF >= cost:
+                        b[i] -= cost
+                self.limit, self.remaining = L, 0
+                self.reset_ms = W - t
+                self.retry_after_ms = retry_after(L, cost, prev, curr, W, W2, t)
+                return RATE_LIMITED
+            b[ci] = (we << 32) | (curr + cost)
+            undo.append((ci, b[ci]))
+            rem = L - (curr + cost + pw)
+            if best is None or rem < best[0]:
+                best = (rem, L, W - t)
+        self.remaining, self.limit, self.reset_ms = best
+        self.retry_after_ms = 0
+        return best[0]
+
+    def stats(self) -> dict:
+        return dict(capacity=self._arena.rate_capacity, used=len(self._entries))
