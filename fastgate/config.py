@@ -95,10 +95,14 @@ class ServerConfig(Base):
     backlog: Annotated[int, Meta(ge=1)] = 2048
 
     def __post_init__(self):
-        parse_hostport(self.listen)
-        self.max_header_bytes = parse_size(self.max_header_bytes)
-        self.max_url_bytes = parse_size(self.max_url_bytes)
-        self.max_body_bytes = parse_size(self.max_body_bytes)
+        problems: list[str] = []
+        _check(problems, "listen", parse_hostport, self.listen)
+        for field in ("max_header_bytes", "max_url_bytes", "max_body_bytes"):
+            try:
+                setattr(self, field, parse_size(getattr(self, field)))
+            except ValueError as exc:
+                problems.append(f"{field}: {exc}")
+        _raise_all(problems)
 
 
 class AdminConfig(Base):
@@ -106,7 +110,9 @@ class AdminConfig(Base):
     token_env: str = "FASTGATE_ADMIN_TOKEN"
 
     def __post_init__(self):
-        parse_hostport(self.listen)
+        problems: list[str] = []
+        _check(problems, "listen", parse_hostport, self.listen)
+        _raise_all(problems)
 
 
 class KeysConfig(Base):
@@ -116,7 +122,7 @@ class KeysConfig(Base):
 
     def __post_init__(self):
         if not _TOKEN.match(self.header):
-            raise ValueError(f"header: expected an HTTP header name, found {self.header!r}")
+            raise ValueError(f"header: expected an HTTP header name, found {self.header!r}")  # one field, one problem
         self.header = self.header.lower()
 
 
@@ -124,11 +130,10 @@ class PlanConfig(Base):
     limits: list[str] = []
 
     def __post_init__(self):
+        problems: list[str] = []
         for i, limit in enumerate(self.limits):
-            try:
-                parse_limit(limit)
-            except ValueError as exc:
-                raise ValueError(f"limits[{i}]: {exc}") from None
+            _check(problems, f"limits[{i}]", parse_limit, limit)
+        _raise_all(problems)
 
 
 class UpstreamConfig(Base):
@@ -140,11 +145,10 @@ class UpstreamConfig(Base):
     max_idle: Annotated[int, Meta(ge=0, le=100_000)] = 128  # per target, per worker
 
     def __post_init__(self):
+        problems: list[str] = []
         for i, target in enumerate(self.targets):
-            try:
-                parse_hostport(target)
-            except ValueError as exc:
-                raise ValueError(f"targets[{i}]: {exc}") from None
+            _check(problems, f"targets[{i}]", parse_hostport, target)
+        _raise_all(problems)
 
 
 class RouteConfig(Base):
@@ -160,23 +164,29 @@ class RouteConfig(Base):
     key_query_param: str | None = None  # opt-in: accept the key from ?PARAM=
 
     def __post_init__(self):
-        if not self.path.startswith("/"):
-            raise ValueError(f"path: expected an absolute path starting with '/', found {self.path!r}")
         from .server.http1 import normalise_path
 
-        norm = normalise_path(self.path.encode())
-        if norm is None or norm.decode() != self.path:
-            raise ValueError(
-                f"path: expected a normalised path (no '//', '.', '..', or needless %-escapes), "
-                f"found {self.path!r}"
-            )
+        problems: list[str] = []
+        if not self.path.startswith("/"):
+            problems.append(f"path: expected an absolute path starting with '/', found {self.path!r}")
+        else:
+            norm = normalise_path(self.path.encode())
+            if norm is None or norm.decode() != self.path:
+                problems.append(
+                    f"path: expected a normalised path (no '//', '.', '..', or needless %-escapes), "
+                    f"found {self.path!r}"
+                )
         for i, method in enumerate(self.methods):
             if not _TOKEN.match(method) or method.upper() != method:
-                raise ValueError(f"methods[{i}]: expected an upper-case HTTP method, found {method!r}")
+                problems.append(f"methods[{i}]: expected an upper-case HTTP method, found {method!r}")
         if self.host is not None:
             self.host = self.host.lower()
         if self.max_body_bytes is not None:
-            self.max_body_bytes = parse_size(self.max_body_bytes)
+            try:
+                self.max_body_bytes = parse_size(self.max_body_bytes)
+            except ValueError as exc:
+                problems.append(f"max_body_bytes: {exc}")
+        _raise_all(problems)
 
 
 class IpConfig(Base):
@@ -185,12 +195,11 @@ class IpConfig(Base):
     trusted_proxies: list[str] = []
 
     def __post_init__(self):
+        problems: list[str] = []
         for field in ("allow", "deny", "trusted_proxies"):
             for i, cidr in enumerate(getattr(self, field)):
-                try:
-                    parse_cidr(cidr)
-                except ValueError as exc:
-                    raise ValueError(f"{field}[{i}]: {exc}") from None
+                _check(problems, f"{field}[{i}]", parse_cidr, cidr)
+        _raise_all(problems)
 
 
 class LogConfig(Base):
@@ -225,22 +234,71 @@ _SECTIONS: dict[str, Any] = {
 _LISTS: dict[str, Any] = {"upstreams": UpstreamConfig, "routes": RouteConfig}
 
 
-def _locate(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
-    """msgspec says 'Expected `int`, got `str` - at `$.x`'; re-root the path."""
+_FIELD_MSG = re.compile(r"^([A-Za-z_]+(?:\[\d+\])?): (.*)$", re.S)
+
+
+def _locate(exc: msgspec.ValidationError, prefix: str) -> list[tuple[str, str]]:
+    """msgspec says 'Expected `int`, got `str` - at `$.x`'; re-root the path.
+    Our __post_init__ checks raise 'field: message' lines (one per problem),
+    which become problems located at that field."""
     text = str(exc)
     msg, sep, at = text.rpartition(" - at `")
-    if not sep:
-        return prefix, text
-    path = at.rstrip("`")
-    return prefix + path[1:], msg
+    if sep:
+        path = prefix + at.rstrip("`")[1:]
+    else:
+        path, msg = prefix, text
+    out = []
+    for line in msg.split("\n"):
+        m = _FIELD_MSG.match(line)
+        if m:
+            out.append((f"{path}.{m.group(1)}", m.group(2)))
+        else:
+            out.append((path, line))
+    return out
+
+
+def _check(problems: list[str], field: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except ValueError as exc:
+        problems.append(f"{field}: {exc}")
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def _convert(value: Any, typ: Any, path: str, problems: list[tuple[str, str]]):
     try:
         return msgspec.convert(value, typ)
     except msgspec.ValidationError as exc:
-        problems.append(_locate(exc, path))
-        return None
+        found = _locate(exc, path)
+    if isinstance(value, dict):
+        # msgspec stops at the first error: check field by field, then run the
+        # cross-field checks on the fields that were valid, to report them all.
+        fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+        valid = {}
+        for key, v in value.items():
+            f = fields.get(key)
+            if f is None:
+                found.append((f"{path}.{key}", f"unknown field {key!r}; expected one of {', '.join(fields)}"))
+                continue
+            try:
+                msgspec.convert(v, f.type)
+                valid[key] = v
+            except msgspec.ValidationError as exc:
+                found.extend(_locate(exc, f"{path}.{key}"))
+        try:
+            msgspec.convert(valid, typ)
+        except msgspec.ValidationError as exc:
+            found.extend(_locate(exc, path))
+    seen = set()
+    for p in found:
+        if p not in seen and not (p[1].startswith("Object contains unknown field") and p[0] == path):
+            seen.add(p)
+            problems.append(p)
+    return None
 
 
 def build_config(raw: Any, source: str) -> Config:
@@ -277,8 +335,14 @@ def build_config(raw: Any, source: str) -> Config:
         upstream_names.add(u.name)
     route_names: set[str] = set()
     route_keys: set[tuple[str | None, str]] = set()
+    raw_routes = raw.get("routes") if isinstance(raw.get("routes"), list) else []
     for i, r in enumerate(parts.get("routes", [])):
         if r is None:
+            # Conversion failed; still check the reference so one pass shows all.
+            rr = raw_routes[i]
+            if isinstance(rr, dict) and isinstance(rr.get("upstream"), str) and rr["upstream"] not in upstream_names:
+                known = ", ".join(sorted(upstream_names)) or "none defined"
+                problems.append((f"$.routes[{i}].upstream", f"expected the name of an [[upstreams]] entry ({known}), found {rr['upstream']!r}"))
             continue
         if r.name in route_names:
             problems.append((f"$.routes[{i}].name", f"duplicate route name {r.name!r}"))

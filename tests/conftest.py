@@ -49,13 +49,15 @@ def _readline_with_deadline(proc, deadline, pattern):
             if not chunk:
                 break
             buf += chunk
+            found = None
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 text = line.decode(errors="replace")
-                seen.append(text)
-                m = re.search(pattern, text)
-                if m:
-                    return m, seen
+                seen.append(text)  # lines after the match stay visible to the caller
+                if found is None:
+                    found = re.search(pattern, text)
+            if found:
+                return found, seen
     finally:
         sel.close()
     raise RuntimeError(f"process did not become ready; output so far: {seen!r}")

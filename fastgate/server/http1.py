@@ -68,7 +68,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 # us: they are decoded and then treated as what they are (a separator, a dot), so
 # that the path we authorise is the path the upstream acts on.
 _DECODE_ALSO = frozenset(b"/\\")
-_NEEDS_WORK = re.compile(rb"%|/\.|//|\\")
+_NEEDS_WORK = re.compile(rb"%|/\.|//|\\|\x00")
 
 
 def normalise_path(path: bytes) -> bytes | None:
@@ -106,6 +106,8 @@ def normalise_path(path: bytes) -> bytes | None:
         elif c == 0x5C:  # '\\'
             out.append(0x2F)
             i += 1
+        elif c == 0:
+            return None
         else:
             out.append(c)
             i += 1

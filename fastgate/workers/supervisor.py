@@ -301,9 +301,8 @@ class Supervisor:
         self.announced = True
         host = f"[{self.host}]" if ":" in self.host else self.host
         n = sum(1 for s in self.slots if not s.retiring)
-        print(f"fastgate: listening on http://{host}:{self.port} with {n} workers (master pid {os.getpid()})", flush=True)
-        for line in self.banner_extra:
-            print(line, flush=True)
+        lines = [f"fastgate: listening on http://{host}:{self.port} with {n} workers (master pid {os.getpid()})"]
+        print("\n".join(lines + self.banner_extra), flush=True)
 
     # -- reload -------------------------------------------------------------------
     def reload(self) -> bool:
