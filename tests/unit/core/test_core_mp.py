@@ -1,0 +1,160 @@
+"""Cython only (the twin keeps tables in process memory): several forked
+processes on one arena -- exact admission under contention, and a writer
+whose updates and revocations readers see whole and at once."""
+
+import os
+import select
+import struct
+
+import pytest
+from corehelp import SECRET, T0
+
+from fastgate import _core_py as P
+
+C = pytest.importorskip("fastgate._core")
+
+PROCS = 4
+HITS = 50_000
+
+
+def fork_all(n, fn):
+    """Run fn(i) in n forked children; return their results (ints, via a pipe each)."""
+    kids = []
+    for i in range(n):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                os.write(w, struct.pack("=q", fn(i)))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        kids.append((pid, r))
+    out = []
+    for pid, r in kids:
+        data = b""
+        while len(data) < 8:
+            chunk = os.read(r, 8 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        out.append(struct.unpack("=q", data)[0])
+    return out
+
+
+@pytest.mark.parametrize("limits,allowed", [
+    (["10000/minute"], 10_000),
+    (["1000000/second", "7000/minute", "1000000/hour"], 7_000),
+])
+def test_concurrent_hits_admit_exactly_the_limit(limits, allowed):
+    a = C.Arena.create(key_capacity=1, rate_capacity=16)
+    rates = C.RateTable(a)
+    pid = rates.policy("hot", limits)
+    now = T0 - T0 % 60_000 + 1_000  # all hits inside one minute, no previous window
+
+    def hammer(i):
+        admitted = 0
+        for n in range(HITS):
+            if rates.hit(pid, 42, now + (n & 511)) >= 0:
+                admitted += 1
+        return admitted
+
+    counts = fork_all(PROCS, hammer)
+    assert sum(counts) == allowed, counts
+    assert rates.hit(pid, 42, now) == C.RATE_LIMITED
+
+
+def test_refused_hits_are_taken_back_under_contention():
+    """The minute window refuses most hits after the second window took them:
+    every one must be given back, so the second window ends up holding exactly
+    what was admitted."""
+    a = C.Arena.create(key_capacity=1, rate_capacity=16)
+    rates = C.RateTable(a)
+    pid = rates.policy("two", ["1000000/second", "500/minute"])
+    probe = rates.policy("two", ["1000000/second"])  # same name: same counters
+    now = T0 - T0 % 60_000 + 7_000
+
+    def hammer(i):
+        return sum(1 for _ in range(20_000) if rates.hit(pid, 1, now) >= 0)
+
+    assert sum(fork_all(PROCS, hammer)) == 500
+    assert rates.hit(probe, 1, now) == 1_000_000 - 501
+
+
+def test_writer_updates_are_never_torn_and_revocations_never_stale():
+    N = 150
+    a = C.Arena.create(key_capacity=N + 1, rate_capacity=1)
+    keys = C.KeyTable(a, secret=SECRET)
+    ks = [P.make_key(f"k{i}").encode() for i in range(N)]
+    for i, k in enumerate(ks):
+        keys.put(i, keys.digest(k), plan_id=7)
+    churn = P.make_key("churn").encode()
+    cd = keys.digest(churn)
+    # two self-consistent states of one record: plan 1 <-> scope /a <-> 1/second
+    state = [dict(plan_id=1, scopes=["GET /a"], limits=["1/second"], meta=b"A" * 40),
+             dict(plan_id=2, scopes=["GET /b"], limits=["2/second"], meta=b"B" * 90)]
+    keys.put(N, cd, **state[0])
+    pipes = [os.pipe() for _ in range(PROCS)]
+
+    def reader(i):
+        r = pipes[i][0]
+        bad = 0
+        seen = 0
+        while True:
+            ra = keys.check(cd, 1, b"/a", b"", T0)
+            if ra >= 0:
+                seen |= 1
+                if keys.last_plan != 1:
+                    bad += 1
+            rb = keys.check(cd, 1, b"/b", b"", T0)
+            if rb >= 0:
+                seen |= 2
+                if keys.last_plan != 2:
+                    bad += 1
+            if ra < 0 and ra != C.SCOPE_DENIED or rb < 0 and rb != C.SCOPE_DENIED:
+                bad += 1
+            info = keys.info(N)
+            if info["limits"][0] != info["plan_id"]:
+                bad += 1
+            m = keys.meta(N)
+            if m not in (b"A" * 40, b"B" * 90):
+                bad += 1
+            if select.select([r], [], [], 0)[0]:
+                (idx,) = struct.unpack("=i", os.read(r, 4))
+                if idx < 0:
+                    return 4 * bad + seen
+                # the writer revoked idx before sending it: this lookup must see it
+                if keys.check_key(ks[idx], 1, b"/", b"", T0) != C.KEY_REVOKED:
+                    bad += 100
+
+    kids = []
+    for i in range(PROCS):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = min(reader(i), 255)
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    for i in range(N):
+        for s in range(6):
+            keys.put(N, cd, **state[s & 1])
+        assert keys.revoke(i)
+        for _, w in pipes:
+            os.write(w, struct.pack("=i", i))
+    for _, w in pipes:
+        os.write(w, struct.pack("=i", -1))
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    # 3: no bad read, and each reader saw both states of the churned record
+    assert codes == [3] * PROCS
+    assert keys.stats()["live"] == N + 1
