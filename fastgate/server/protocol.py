@@ -124,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
         "trusted",
         "pending_reject",
+        "out",
     )
 
     def __init__(self, worker):
@@ -146,6 +147,9 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.trusted = False
         self.pending_reject = None
+        # While an upstream read is being parsed, writes to this client are
+        # collected here and flushed as one writev (head + body in one syscall).
+        self.out = None
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -404,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
         broken = self.parsing
         self.parsing = None
         if ex is None:
-            self.transport.write(error_reply(code, message, self.w.next_request_id(), close=True))
+            self.write(error_reply(code, message, self.w.next_request_id(), close=True))
             self.w.count_status(code)
             self.close()
         elif broken is ex:
@@ -419,12 +423,31 @@ class ClientConnection(asyncio.Protocol):
             self.pending_reject = (code, message)
             self.transport.pause_reading()
 
+    def write(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.transport.write(data)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        """Hand what a batch produced to the transport in one writev."""
+        out = self.out
+        self.out = None
+        if out:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+
     def close(self) -> None:
         if not self.closed:
+            self.flush()
             self.closed = True
             self.transport.close()
 
     def abort(self) -> None:
+        self.out = None
         self.closed = True
         self.transport.abort()
 
@@ -433,7 +456,7 @@ class ClientConnection(asyncio.Protocol):
         close = not ex.keep_alive or not ex.body_done or self.w.draining or ex.upgrade is not None
         ex.resp_started = True
         ex.status = code
-        self.transport.write(
+        self.write(
             error_reply(code, message, ex.request_id, close=close, extra=extra, head_only=ex.method == b"HEAD")
         )
         self.w.count_status(code)
@@ -457,7 +480,7 @@ class ClientConnection(asyncio.Protocol):
         """Write the head, whatever body arrived already, and then stream."""
         w = self.w
         if ex.expect == b"100-continue" and not ex.body_done and ex.version == "1.1":
-            self.transport.write(CONTINUE_100)
+            self.write(CONTINUE_100)
         parts = [head]
         buf = ex.body_buf
         if buf:
@@ -507,7 +530,7 @@ class ClientConnection(asyncio.Protocol):
         elif ex.version == "1.0":
             parts.append(b"connection: keep-alive\r\n")
         parts += (b"x-request-id: ", ex.request_id.encode(), b"\r\n\r\n")
-        self.transport.write(b"".join(parts))
+        self.write(b"".join(parts))
         if close:
             ex.keep_alive = False
         if ex.method == b"HEAD" and status != 101:
@@ -522,9 +545,11 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.active or self.closed:
             return
         if ex.resp_frame == FRAME_CHUNKED:
-            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            self.write(b"%x\r\n" % len(body))
+            self.write(body)
+            self.write(b"\r\n")
         else:
-            self.transport.write(body)
+            self.write(body)
 
     def response_complete(self, ex: Exchange, up: UpstreamConn, reusable: bool) -> None:
         if ex.done:
@@ -541,7 +566,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.active or self.closed:
             return
         if ex.resp_frame == FRAME_CHUNKED:
-            self.transport.write(b"0\r\n\r\n")
+            self.write(b"0\r\n\r\n")
         self.w.count_status(ex.status)
         self.finish(ex, not ex.keep_alive or not ex.body_done or ex.resp_frame == FRAME_CLOSE)
 
@@ -552,7 +577,7 @@ class ClientConnection(asyncio.Protocol):
         if close or (self.w.draining or self.pending_reject) and not q:
             if self.pending_reject is not None and not close:
                 code, message = self.pending_reject
-                self.transport.write(error_reply(code, message, self.w.next_request_id(), close=True))
+                self.write(error_reply(code, message, self.w.next_request_id(), close=True))
                 self.w.count_status(code)
             self.close()
             return
@@ -612,7 +637,7 @@ class ClientConnection(asyncio.Protocol):
         up.tunnel = self
         ex.done = True
         if rest:
-            self.transport.write(rest)
+            self.write(rest)
         for chunk in ex.tunnel_buf or ():
             if chunk:
                 up.transport.write(chunk)

@@ -73,7 +73,9 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.close()
             return
         self.got_bytes = True
-        self.deadline = ex.conn.w.now + self.target.read_timeout
+        client = ex.conn
+        self.deadline = client.w.now + self.target.read_timeout
+        client.out = []
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -85,6 +87,8 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.abort()
             if ex is not None:
                 ex.conn.upstream_failed(ex, "upstream_unavailable", f"invalid response from upstream: {exc}")
+        finally:
+            client.flush()
 
     def eof_received(self):
         return False

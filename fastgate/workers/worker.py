@@ -295,9 +295,18 @@ class Worker:
         self.ctl.setblocking(True)
         send_msg(self.ctl, b"R", str(os.getpid()).encode())
         self.ctl.setblocking(False)
+        profile_dir = os.environ.get("FASTGATE_PROFILE_DIR")
+        if profile_dir:  # developer aid: cProfile each worker, dump on exit
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         try:
             loop.run_forever()
         finally:
+            if profile_dir:
+                prof.disable()
+                prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
             for t in self.targets.values():
                 t.close_all()
             loop.close()
