@@ -45,6 +45,9 @@ WRITE_HIGH = 256 * 1024
 # Bytes httptools may buffer for one unfinished head before we refuse it
 # (precise limits are checked on whole url/header pieces in the callbacks).
 _HEAD_SLACK = 256 * 1024
+# Lingering close: discard input for at most this long, or until quiet this long.
+LINGER_TOTAL = 5.0
+LINGER_QUIET = 0.5
 
 
 class Reject(Exception):
@@ -125,6 +128,8 @@ class ClientConnection(asyncio.Protocol):
         "trusted",
         "pending_reject",
         "out",
+        "discarding",
+        "linger_end",
     )
 
     def __init__(self, worker):
@@ -150,6 +155,8 @@ class ClientConnection(asyncio.Protocol):
         # While an upstream read is being parsed, writes to this client are
         # collected here and flushed as one writev (head + body in one syscall).
         self.out = None
+        self.discarding = False
+        self.linger_end = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -169,13 +176,23 @@ class ClientConnection(asyncio.Protocol):
         if self.upgraded is not None:
             self.upgraded.transport.write(data)
             return
+        if self.discarding:
+            self.deadline = min(self.w.now + LINGER_QUIET, self.linger_end)
+            return
         ex = self.active
         if ex is not None and ex.tunnel_buf is not None:
             ex.tunnel_buf.append(data)
             return
         if self.in_head:
-            self.head_raw += len(data)
-            if self.head_raw > self.w.s.max_header_bytes + _HEAD_SLACK:
+            # The precise limits are checked on whole pieces in on_url/on_header;
+            # this bounds what httptools buffers for a line that never ends. A
+            # chunk holding the end of the head may also hold body bytes, so it
+            # is only judged by the hard cap.
+            self.head_raw = n = self.head_raw + len(data)
+            s = self.w.s
+            if n > s.max_header_bytes + s.max_url_bytes and (
+                n > s.max_header_bytes + _HEAD_SLACK or (b"\r\n\r\n" not in data and data[:1] != b"\n")
+            ):
                 self.reject_now("headers_too_large", "request head exceeds the size limit")
                 return
         try:
@@ -194,7 +211,10 @@ class ClientConnection(asyncio.Protocol):
                 log.exception("bug while parsing a request", exc_info=cause)
                 self.reject_now("internal_error", "internal error")
         except HttpParserError as exc:
-            self.reject_now("bad_request", f"malformed request: {exc}")
+            if str(exc) == "Invalid HTTP version":
+                self.reject_now("http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are supported")
+            else:
+                self.reject_now("bad_request", f"malformed request: {exc}")
 
     def parsing_or_last(self):
         if self.queue:
@@ -332,7 +352,8 @@ class ClientConnection(asyncio.Protocol):
             raw_path = u.path
             ex.query = b"?" + u.query if u.query else b""
             if u.host:
-                host = u.host
+                # Absolute form: its authority replaces Host (RFC 9112 §3.2.2).
+                host = u.host + b":%d" % u.port if u.port else u.host
         path = normalise_path(raw_path)
         if path is None:
             raise Reject("bad_request", "invalid request path")
@@ -410,7 +431,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             self.write(error_reply(code, message, self.w.next_request_id(), close=True))
             self.w.count_status(code)
-            self.close()
+            self.close(linger=True)
         elif broken is ex:
             # The active request's own body is malformed or too slow.
             ex.body_done = False
@@ -440,11 +461,27 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.transport.writelines(out)
 
-    def close(self) -> None:
-        if not self.closed:
-            self.flush()
-            self.closed = True
-            self.transport.close()
+    def close(self, linger: bool = False) -> None:
+        """Close after what was written. With linger, the client may still be
+        sending (a body we refused, a head we rejected): closing at once would
+        make the kernel answer its data with RST, which can destroy our reply
+        before the client reads it. So: half-close, discard input until the
+        client closes or goes quiet (nginx's lingering close), then close."""
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        if linger and self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.transport.resume_reading()
+            self.upgraded = None
+            self.discarding = True
+            w = self.w
+            self.linger_end = w.now + LINGER_TOTAL
+            self.deadline = w.now + LINGER_QUIET
+            self.deadline_kind = 4
+            return
+        self.transport.close()
 
     def abort(self) -> None:
         self.out = None
@@ -579,7 +616,7 @@ class ClientConnection(asyncio.Protocol):
                 code, message = self.pending_reject
                 self.write(error_reply(code, message, self.w.next_request_id(), close=True))
                 self.w.count_status(code)
-            self.close()
+            self.close(linger=self.pending_reject is not None or not ex.body_done or self.parsing is not None)
             return
         if q:
             nxt = q.popleft()
@@ -661,3 +698,5 @@ class ClientConnection(asyncio.Protocol):
                 self.abort()
         elif kind == 3:
             self.close()
+        elif kind == 4:
+            self.transport.close()
