@@ -1,0 +1,135 @@
+"""Typing stub for fastgate._core (and its twin fastgate._core_py).
+
+Per request the Python side makes at most three calls, ints/bytes in, one
+int out:  CidrSet.contains -> KeyTable.check_key -> RateTable.hit_key/hit.
+Expected outcomes are the negative return codes; CoreError is raised only on
+the cold path (bad config input, layout mismatch, full table, wrong process).
+"""
+
+from typing import Sequence
+
+LAYOUT_VERSION: int
+NO_SUCH_KEY: int  # -1  unknown digest (or a rotated-out digest past its grace)
+KEY_REVOKED: int  # -2
+KEY_DISABLED: int  # -3
+KEY_EXPIRED: int  # -4  now_ms >= expires_ms
+KEY_NOT_YET_VALID: int  # -5  now_ms < not_before_ms
+SCOPE_DENIED: int  # -6  no scope matches (method bit, normalised path)
+KEY_IP_DENIED: int  # -7  per-key deny matched, or per-key allow did not
+KEY_BUSY: int  # -8  record stayed mid-write (writer died inside a write): fail closed
+KEY_MALFORMED: int  # -9  not fg_<id>_<secret><crc>, bad checksum, or no secret set
+RATE_LIMITED: int  # -10 see RateTable.retry_after_ms / reset_ms / limit
+RATE_TABLE_FULL: int  # -11 no free counter entry for a new subject
+UNLIMITED: int  # 2**31-1: hit() on a policy without any window
+
+class CoreError(Exception): ...
+
+class Arena:
+    """One shared segment: header (magic, layout version, capacities, writer pid), key slots,
+    key records, rate entries, key extension heap. Offsets only, never pointers."""
+
+    @staticmethod
+    def create(
+        key_capacity: int = 1_000_000, rate_capacity: int = 1 << 18, ext_bytes: int | None = None,
+        path: str | None = None,
+    ) -> Arena:
+        """Master, before forking. path=None: anonymous MAP_SHARED memory, inherited by fork,
+        nothing to unlink. path="/dev/shm/NAME": a 0600 file (O_EXCL) that attach() can open."""
+    @staticmethod
+    def attach(path: str) -> Arena:
+        """Map an existing file arena; CoreError on bad magic, layout version or size."""
+    @property
+    def size(self) -> int: ...
+    @property
+    def key_capacity(self) -> int: ...
+    @property
+    def rate_capacity(self) -> int: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def writer_pid(self) -> int: ...
+    def header(self) -> dict[str, int]: ...
+    def set_writer(self, pid: int) -> None:
+        """Hand the single-writer role (key table writes) to pid; callable by the current writer."""
+    def unlink(self) -> None:
+        """Creator only; removes the /dev/shm file (no-op for anonymous arenas)."""
+
+class KeyTable:
+    """Keyed-digest -> key record. Any process reads; only arena.writer_pid writes."""
+
+    last_plan: int  # plan_id of the key of the last successful check in this process
+
+    def __init__(self, arena: Arena, secret: bytes | None = None) -> None:
+        """secret: the server secret (1..64 bytes) of the keyed BLAKE2b-256 digest."""
+    @property
+    def capacity(self) -> int: ...
+    def set_secret(self, secret: bytes) -> None: ...
+    def digest(self, key: bytes) -> bytes:
+        """BLAKE2b-256(key, key=secret): what the store keeps and put() takes."""
+    # ---- hot path
+    def check_key(self, key: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
+        """Shape + checksum, digest, then check(). Key index >= 0, or a negative code."""
+    def check(self, digest: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
+        """Lookup by digest (current, or previous until its grace ends), then in this order:
+        revoked, disabled, not yet valid, expired, scopes (method bit + normalised path),
+        per-key CIDRs (peer: 4/16 packed bytes, b"" if unknown). Key index >= 0 or a code."""
+    # ---- writer (cold)
+    def allocate(self) -> int:
+        """A free key index; CoreError 'key table full' when none is left."""
+    def put(
+        self, key_index: int, digest: bytes, *, plan_id: int = 0, flags: int = 0, not_before_ms: int = 0,
+        expires_ms: int = 0, scopes: Sequence[str] | None = None, allow_cidrs: Sequence[str] | None = None,
+        deny_cidrs: Sequence[str] | None = None, limits: Sequence[str | tuple[int, str]] | None = None,
+        meta: bytes = b"", where: str = "key",
+    ) -> None:
+        """Insert or replace key_index. scopes: "GET /orders/*" (segment), "GET /orders" (exact),
+        "GET /orders*" (prefix), "* /x", "GET,POST /x". limits: "5/second".. "N/month".
+        expires_ms 0 = never. flags: FLAG_DISABLED | FLAG_REVOKED. `where` prefixes error paths."""
+    def rotate(self, key_index: int, new_digest: bytes, grace_until_ms: int) -> None:
+        """The old digest keeps working while now_ms < grace_until_ms (0: stops at once)."""
+    def revoke(self, key_index: int) -> bool: ...
+    def set_disabled(self, key_index: int, disabled: bool) -> bool: ...
+    def delete(self, key_index: int) -> bool: ...
+    def sweep(self, now_ms: int) -> int:
+        """Drop rotated-out digests whose grace has ended; returns how many."""
+    # ---- readers (cold)
+    def info(self, key_index: int) -> dict | None: ...
+    def meta(self, key_index: int) -> bytes:
+        """The opaque bytes given to put(meta=...): e.g. the public id and owner for identity headers."""
+    def generation(self, key_index: int) -> int:
+        """Changes on every write to the record: cache meta() per (index, generation)."""
+    def __len__(self) -> int: ...
+    def stats(self) -> dict[str, int]: ...
+
+class RateTable:
+    """Sliding-window counters shared by every process (exact admission via CAS)."""
+
+    limit: int  # of the last hit: the binding window's limit
+    remaining: int  # requests left in that window after this hit (0 when refused)
+    reset_ms: int  # ms until that window ends
+    retry_after_ms: int  # when refused: ms until this request would be admitted; else 0
+
+    def __init__(self, arena: Arena) -> None: ...
+    def policy(self, name: str, limits: Sequence[str | tuple[int, str]], where: str = "limits") -> int:
+        """Worker-local policy id. Counters are keyed by (name, subject): use one name for all
+        key plans (a plan change keeps the key's counts) and e.g. "ip:<route>" for per-IP limits."""
+    def hit(self, policy_id: int, subject: int, now_ms: int, cost: int = 1) -> int:
+        """subject >= 0: a key index, or addr_hash(peer). All windows or none are charged.
+        Returns remaining >= 0, RATE_LIMITED, RATE_TABLE_FULL, or UNLIMITED."""
+    def hit_key(self, policy_id: int, keys: KeyTable, key_index: int, now_ms: int, cost: int = 1) -> int:
+        """hit() with the key's own limits replacing the policy's window by window."""
+    def stats(self) -> dict[str, int]: ...
+
+class CidrSet:
+    """Worker-local sorted merged ranges; O(log n) per lookup."""
+
+    where: str
+
+    @staticmethod
+    def compile(cidrs: Sequence[str], where: str = "cidrs") -> CidrSet:
+        """CoreError "cannot parse CIDR 'x' at ip.deny[3]: ..." on bad input."""
+    def contains(self, peer: bytes) -> bool:
+        """peer: 4 or 16 packed bytes (::ffff:a.b.c.d is matched as a.b.c.d); else False."""
+    def __len__(self) -> int: ...
+    @property
+    def ranges(self) -> tuple[int, int]: ...
