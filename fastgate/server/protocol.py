@@ -190,6 +190,10 @@ class ClientConnection(asyncio.Protocol):
             # is only judged by the hard cap.
             self.head_raw = n = self.head_raw + len(data)
             s = self.w.s
+            if self.deadline_kind == 3:
+                # An idle keep-alive connection starts a new request head.
+                self.deadline = self.w.now + s.header_timeout
+                self.deadline_kind = 1
             if n > s.max_header_bytes + s.max_url_bytes and (
                 n > s.max_header_bytes + _HEAD_SLACK or (b"\r\n\r\n" not in data and data[:1] != b"\n")
             ):
@@ -255,15 +259,6 @@ class ClientConnection(asyncio.Protocol):
             ex.up.transport.resume_reading()
 
     # -- httptools callbacks ---------------------------------------------
-    def on_message_begin(self):
-        self.in_head = True
-        self.url = b""
-        self.headers = []
-        self.head_bytes = 0
-        w = self.w
-        self.deadline = w.now + w.s.header_timeout
-        self.deadline_kind = 1
-
     def on_url(self, url):
         self.url += url
         if len(self.url) > self.w.s.max_url_bytes:
@@ -283,6 +278,12 @@ class ClientConnection(asyncio.Protocol):
         self.head_raw = 0
         if self.closed or self.pending_reject is not None:
             return
+        url = self.url
+        headers = self.headers
+        # Reset for the next message here: httptools then needs no on_message_begin.
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -301,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
         rid_in = None
         conn_tokens = None
         fwd = []
-        for name, value in self.headers:
+        for name, value in headers:
             ln = name.lower()
             if ln in _REQ_MANAGED:
                 if ln == H_HOST:
@@ -335,7 +336,6 @@ class ClientConnection(asyncio.Protocol):
                 fwd = [h for h in fwd if h[0] not in drop]
         if upgrade is not None and not parser.should_upgrade():
             upgrade = None
-        url = self.url
         if url[:1] == b"/":
             q = url.find(b"?")
             if q < 0:
@@ -409,6 +409,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def on_message_complete(self):
+        self.in_head = True
         ex = self.parsing
         self.parsing = None
         if ex is None:
@@ -572,11 +573,10 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         if ex.method == b"HEAD" and status != 101:
             # llhttp cannot be told that a HEAD response has no body: finish
-            # here and give the connection a fresh parser.
-            reusable = up.parser.should_keep_alive() and length is not None
-            up.reset_parser()
+            # here, and do not pool the connection: some upstreams send a body
+            # to HEAD anyway, which would be read as the next response.
             up.resp_done = True
-            self.response_complete(ex, up, reusable)
+            self.response_complete(ex, up, False)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if ex is not self.active or self.closed:
@@ -626,8 +626,12 @@ class ClientConnection(asyncio.Protocol):
             self.w.handle(nxt)
         elif self.parsing is None:
             w = self.w
-            self.deadline = w.now + w.s.keepalive_timeout
-            self.deadline_kind = 3
+            if self.head_raw:  # the next head has started arriving
+                self.deadline = w.now + w.s.header_timeout
+                self.deadline_kind = 1
+            else:
+                self.deadline = w.now + w.s.keepalive_timeout
+                self.deadline_kind = 3
 
     def upstream_failed(self, ex: Exchange, code: str, message: str) -> None:
         up = ex.up

@@ -122,14 +122,12 @@ class UpstreamConn(asyncio.Protocol):
             ex.conn.transport.resume_reading()
 
     # -- httptools callbacks ---------------------------------------------
-    def on_message_begin(self):
-        self.headers = []
-        self.interim = False
-
     def on_header(self, name, value):
         self.headers.append((name, value))
 
     def on_headers_complete(self):
+        headers = self.headers
+        self.headers = []  # for the next message (an interim response may precede)
         ex = self.ex
         if ex is None:
             return
@@ -148,13 +146,13 @@ class UpstreamConn(asyncio.Protocol):
             # llhttp reports the 101 as a complete message before it pauses for
             # the upgrade: interim=True keeps on_message_complete from ending it.
             self.interim = True
-            ex.conn.response_head(ex, 101, [(n.lower(), n, v) for n, v in self.headers], None, False, self)
+            ex.conn.response_head(ex, 101, [(n.lower(), n, v) for n, v in headers], None, False, self)
             return
         length = None
         chunked = False
         drop = None
         out = []
-        for name, value in self.headers:
+        for name, value in headers:
             ln = name.lower()
             if ln in _MANAGED:
                 if ln == b"content-length":
@@ -196,7 +194,3 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = now + self.target.read_timeout
         ex.up = self
         self.transport.write(head)
-
-    def reset_parser(self) -> None:
-        """After a HEAD response: llhttp cannot be told the body is absent."""
-        self.parser = HttpResponseParser(self)

@@ -101,7 +101,8 @@ class Worker:
     # -- the decision pipeline (DESIGN.md order) --------------------------------
     def handle(self, ex) -> None:
         conn = ex.conn
-        route = self.router.match(ex.host.lower().split(b":", 1)[0] if ex.host else None, ex.path)
+        router = self.router
+        route = router.match(ex.host.lower().split(b":", 1)[0] if router.by_host and ex.host else None, ex.path)
         if route is None:
             conn.local_reply(ex, "no_route", "no route matches this host and path")
             return
