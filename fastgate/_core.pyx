@@ -177,6 +177,7 @@ cdef class Arena:
     cdef uint64_t ext_bytes
     cdef object _path
     cdef bint _owner
+    cdef int64_t _creator_pid
 
     def __init__(self):
         raise TypeError("use Arena.create(...) or Arena.attach(path)")
@@ -199,6 +200,7 @@ cdef class Arena:
         a.ext_bytes = a.hdr.ext_bytes
         a._path = path
         a._owner = owner
+        a._creator_pid = getpid() if owner else -1
         return a
 
     @staticmethod
@@ -243,8 +245,11 @@ cdef class Arena:
         return h
 
     def set_writer(self, int pid):
-        """Hand the single-writer role to another process (call from the current writer)."""
-        self._require_writer()
+        """Hand the single-writer role to another process. Callable by the current
+        writer, and by the creating process itself (the master), which must be
+        able to hand the role to a replacement when the writer died."""
+        if getpid() != self._creator_pid:
+            self._require_writer()
         self.hdr.writer_pid = pid
 
     cdef _require_writer(self):

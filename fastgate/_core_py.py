@@ -525,6 +525,7 @@ class Arena:
         self._mm = mm
         self._path = path
         self._owner = owner
+        self._creator_pid = os.getpid() if owner else -1
         self.writer_pid = os.getpid()
         self._keys = None
         self._rates = {}
@@ -561,7 +562,8 @@ class Arena:
         return dict(self._layout, version=LAYOUT_VERSION, writer_pid=self.writer_pid)
 
     def set_writer(self, pid: int) -> None:
-        _require_writer(self)
+        if os.getpid() != self._creator_pid:
+            _require_writer(self)
         self.writer_pid = pid
 
     def unlink(self) -> None:
