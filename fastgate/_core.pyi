@@ -80,11 +80,13 @@ class KeyTable:
         self, key_index: int, digest: bytes, *, plan_id: int = 0, flags: int = 0, not_before_ms: int = 0,
         expires_ms: int = 0, scopes: Sequence[str] | None = None, allow_cidrs: Sequence[str] | None = None,
         deny_cidrs: Sequence[str] | None = None, limits: Sequence[str | tuple[int, str]] | None = None,
-        meta: bytes = b"", where: str = "key",
+        meta: bytes = b"", where: str = "key", prev_digest: bytes | None = None, grace_until_ms: int = 0,
     ) -> None:
         """Insert or replace key_index. scopes: "GET /orders/*" (segment), "GET /orders" (exact),
         "GET /orders*" (prefix), "* /x", "GET,POST /x". limits: "5/second".. "N/month".
-        expires_ms 0 = never. flags: FLAG_DISABLED | FLAG_REVOKED. `where` prefixes error paths."""
+        expires_ms 0 = never. flags: FLAG_DISABLED | FLAG_REVOKED. `where` prefixes error paths.
+        prev_digest + grace_until_ms > 0: a rotated-out digest stays valid across the replace
+        (an update during a rotation's grace period must not end the grace)."""
     def rotate(self, key_index: int, new_digest: bytes, grace_until_ms: int) -> None:
         """The old digest keeps working while now_ms < grace_until_ms (0: stops at once)."""
     def revoke(self, key_index: int) -> bool: ...

@@ -698,11 +698,23 @@ cdef class KeyTable:
         raise CoreError(f"key table full: all {self.cap} records are in use (raise key_capacity)")
 
     def put(self, key_index, bytes digest not None, *, plan_id=0, flags=0, not_before_ms=0, expires_ms=0,
-            scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta=b"", where="key"):
-        """Insert or replace the record at key_index (writer only)."""
+            scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta=b"", where="key",
+            bytes prev_digest=None, int64_t grace_until_ms=0):
+        """Insert or replace the record at key_index (writer only). prev_digest with
+        grace_until_ms > 0 keeps a rotated-out digest valid across the replace."""
         self.arena._require_writer()
         cdef uint64_t k = self._k(key_index)
         _py._check_digest(digest)
+        cdef const uint8_t *p = NULL
+        cdef int64_t other2
+        if grace_until_ms > 0 and prev_digest is not None:
+            _py._check_digest(prev_digest)
+            p = <const uint8_t *>PyBytes_AS_STRING(prev_digest)
+            other2 = self._find(p, NULL)
+            if other2 >= 0 and <uint64_t>other2 != k:
+                raise CoreError(f"digest already belongs to key index {other2}")
+        else:
+            grace_until_ms = 0
         sc = _py.compile_scopes(scopes, f"{where}.scopes")
         al = _py.compile_cidrs(allow_cidrs, f"{where}.allow_cidrs")
         de = _py.compile_cidrs(deny_cidrs, f"{where}.deny_cidrs")
@@ -735,22 +747,29 @@ cdef class KeyTable:
         r.plan_id = plan_id
         r.not_before_ms = not_before_ms
         r.expires_ms = expires_ms
-        r.grace_until_ms = 0
+        r.grace_until_ms = grace_until_ms
         r.ext_off = eoff
         r.ext_len = elen
         r.gen = r.gen + 1 if was_live else 1
         memcpy(r.digest, d, 32)
-        memset(r.digest2, 0, 32)
+        if p != NULL:
+            memcpy(r.digest2, p, 32)
+        else:
+            memset(r.digest2, 0, 32)
         _w_end(r)
         if not was_live:
             self.hdr.live_keys += 1
             self._insert(d, k)
+            if p != NULL:
+                self._insert(p, k)
         else:
             if other < 0:
                 self._insert(d, k)
-            if not _eq32(old1, d):
+            if p != NULL and self._find(p, NULL) < 0:
+                self._insert(p, k)
+            if not _eq32(old1, d) and (p == NULL or not _eq32(old1, p)):
                 self._remove(old1, k)
-            if had2 and not _eq32(old2, d):
+            if had2 and not _eq32(old2, d) and (p == NULL or not _eq32(old2, p)):
                 self._remove(old2, k)
             self._ensure_findable(k)
             self.arena._ext_free(old_off, old_len)

@@ -676,10 +676,17 @@ class KeyTable:
 
     def put(self, key_index: int, digest: bytes, *, plan_id: int = 0, flags: int = 0, not_before_ms: int = 0,
             expires_ms: int = 0, scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta: bytes = b"",
-            where: str = "key") -> None:
+            where: str = "key", prev_digest: bytes | None = None, grace_until_ms: int = 0) -> None:
         _require_writer(self._arena)
         k = self._k(key_index)
         _check_digest(digest)
+        if grace_until_ms <= 0:
+            prev_digest = None
+        if prev_digest is not None:
+            _check_digest(prev_digest)
+            other2 = self._index.get(prev_digest)
+            if other2 is not None and other2 != k:
+                raise CoreError(f"digest already belongs to key index {other2}")
         r = _Rec()
         r.scopes = compile_scopes(scopes, f"{where}.scopes")
         r.allow = compile_cidrs(allow_cidrs, f"{where}.allow_cidrs")
@@ -696,16 +703,18 @@ class KeyTable:
         r.flags, r.plan_id = flags | FLAG_LIVE, plan_id
         r.not_before_ms, r.expires_ms = not_before_ms, expires_ms
         old = self._recs.get(k)
-        r.digest2, r.grace_until_ms = None, 0
+        r.digest2, r.grace_until_ms = (prev_digest, grace_until_ms) if prev_digest is not None else (None, 0)
         if old is not None:
-            if old.digest != digest:
+            if old.digest != digest and old.digest != prev_digest:
                 self._index.pop(old.digest, None)
-            if old.digest2 is not None and old.digest2 != digest:
+            if old.digest2 is not None and old.digest2 != digest and old.digest2 != prev_digest:
                 self._index.pop(old.digest2, None)
         r.digest = digest
         r.gen = (old.gen + 1) if old is not None else 1
         self._recs[k] = r
         self._index[digest] = k
+        if prev_digest is not None:
+            self._index[prev_digest] = k
 
     def rotate(self, key_index: int, new_digest: bytes, grace_until_ms: int) -> None:
         _require_writer(self._arena)

@@ -304,3 +304,20 @@ def test_ext_area_full(core):
     with pytest.raises(P.CoreError, match="key extension area full"):
         for i in range(4):
             t.put(i, t.digest(P.make_key(f"k{i}").encode()), meta=b"m" * 1500)
+
+
+def test_put_keeps_a_rotation_grace_when_asked(core, arena, keys):
+    old_key = P.make_key("rot").encode()
+    new_key = P.make_key("rot").encode()
+    old_d, new_d = keys.digest(old_key), keys.digest(new_key)
+    keys.put(3, old_d)
+    keys.rotate(3, new_d, grace_until_ms=2_000)
+    # An update of the record during the grace period re-states the grace.
+    keys.put(3, new_d, plan_id=7, prev_digest=old_d, grace_until_ms=2_000)
+    assert keys.check_key(old_key, P.method_bit(b"GET"), b"/", b"", 1_000) == 3
+    assert keys.check_key(new_key, P.method_bit(b"GET"), b"/", b"", 1_000) == 3
+    assert keys.check_key(old_key, P.method_bit(b"GET"), b"/", b"", 2_000) == P.NO_SUCH_KEY
+    # Without prev_digest a put ends the grace at once.
+    keys.put(3, new_d)
+    assert keys.check_key(old_key, P.method_bit(b"GET"), b"/", b"", 1_000) == P.NO_SUCH_KEY
+    assert keys.check_key(new_key, P.method_bit(b"GET"), b"/", b"", 1_000) == 3
