@@ -1,0 +1,771 @@
+"""Durable key store: SQLite (WAL, synchronous=FULL) holding key records and the audit trail.
+
+Files, all beside each other (``path`` is the ``[keys] store`` setting)::
+
+    <path>               the SQLite database (created 0600; parent dirs created 0700)
+    <path>-wal, -shm     SQLite's WAL files (same mode as the database)
+    <path>.secret        the server secret: 32 random bytes, mode 0600, created once with
+                         O_CREAT|O_EXCL; refused if group/other can access it. Losing it
+                         invalidates every key (digests cannot be recomputed), so back it up
+                         with the database; a store that holds keys refuses to mint a new one.
+    <path>.audit-head    the audit anchor (last seq + hash, 0600), see fastgate.keys.audit
+
+Only keyed digests (``core.key_digest(secret, key)``, keyed BLAKE2b-256) are stored, never a
+key. Every mutating method runs in one ``BEGIN IMMEDIATE`` transaction that also appends its
+audit event, and commits before it returns; any failure rolls back and raises StoreError
+(NotFound / Conflict / InvalidValue are subclasses the admin API can map to 404/409/400).
+
+Writers: one process (the admin process) is expected to write; concurrent writers are
+serialised by SQLite plus an flock on the secret file held across each commit and anchor
+update, so the anchor always follows the table. Timestamps are UTC RFC 3339, seconds
+precision, with 'Z' (so they sort as text).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+
+from fastgate.keys.audit import (
+    ZERO_HASH,
+    AuditEvent,
+    canonical_changes,
+    chain_hash,
+    head_path,
+    read_head,
+    verify_chain,
+    write_head,
+)
+
+SCHEMA_VERSION = 1
+SECRET_BYTES = 32
+KEY_ID_MAX = 32  # core.make_key's limit
+DIGEST_BYTES = 32
+EDITABLE = ("name", "owner", "plan", "scopes", "allow_cidrs", "deny_cidrs", "limits", "expires_at", "metadata")
+_ID_RE = re.compile(r"[0-9A-Za-z]{1,32}\Z")
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_LIST_FIELDS = ("scopes", "allow_cidrs", "deny_cidrs", "limits")
+
+
+class StoreError(Exception):
+    """A store operation failed; nothing was changed."""
+
+
+class NotFound(StoreError):
+    """No key with that id."""
+
+
+class Conflict(StoreError):
+    """The change conflicts with the stored state (duplicate id, revoked key...)."""
+
+
+class InvalidValue(StoreError):
+    """A field has the wrong type or shape."""
+
+
+class KeyRecord(msgspec.Struct, omit_defaults=True):
+    """One key. ``digest``, ``prev_digest``, ``grace_until_ms`` and ``slot`` are private:
+    use :meth:`public` for API output. Field order is the store's column order."""
+
+    id: str
+    name: str
+    owner: str | None = None
+    plan: str | None = None
+    scopes: list[str] = msgspec.field(default_factory=list)
+    allow_cidrs: list[str] = msgspec.field(default_factory=list)
+    deny_cidrs: list[str] = msgspec.field(default_factory=list)
+    limits: list[str] = msgspec.field(default_factory=list)
+    expires_at: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+    revoked_at: str | None = None
+    slot: int = -1  # shared-memory key index; -1 = not assigned (the admin process assigns it)
+    digest: bytes = b""
+    prev_digest: bytes | None = None
+    grace_until_ms: int = 0  # prev_digest stays valid while now_ms < grace_until_ms; 0 = none
+
+    def public(self) -> dict[str, Any]:
+        """The API view: no digests, no slot, None fields left out."""
+        out: dict[str, Any] = {"id": self.id, "name": self.name}
+        if self.owner is not None:
+            out["owner"] = self.owner
+        if self.plan is not None:
+            out["plan"] = self.plan
+        out["scopes"] = list(self.scopes)
+        out["allow_cidrs"] = list(self.allow_cidrs)
+        out["deny_cidrs"] = list(self.deny_cidrs)
+        out["limits"] = list(self.limits)
+        if self.expires_at is not None:
+            out["expires_at"] = self.expires_at
+        out["metadata"] = dict(self.metadata)
+        out["created_at"] = self.created_at
+        out["updated_at"] = self.updated_at
+        if self.revoked_at is not None:
+            out["revoked_at"] = self.revoked_at
+        return out
+
+
+# ---------------------------------------------------------------- timestamps
+
+
+def now_ts() -> str:
+    """Now, UTC RFC 3339 with 'Z', seconds precision."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def parse_ts(value: str, field: str = "timestamp") -> str:
+    """Normalise an RFC 3339 timestamp (any offset, optional fraction) to UTC 'Z' seconds."""
+    if not isinstance(value, str) or "T" not in value.upper():
+        raise InvalidValue(f"{field}: expected an RFC 3339 timestamp like 2030-01-31T12:00:00Z, found {value!r}")
+    try:
+        d = _dt.datetime.fromisoformat(value.strip().replace("z", "Z"))
+    except ValueError:
+        raise InvalidValue(f"{field}: expected an RFC 3339 timestamp like 2030-01-31T12:00:00Z, "
+                           f"found {value!r}") from None
+    if d.tzinfo is None:
+        raise InvalidValue(f"{field}: {value!r} has no timezone (add Z or +hh:mm)")
+    return d.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ts_to_ms(value: str) -> int:
+    """Epoch milliseconds of a stored timestamp (e.g. expires_at for core.KeyTable.put)."""
+    return int(_dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc).timestamp()) * 1000
+
+
+def ms_to_ts(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_str_list(field: str, v: Any) -> list[str]:
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise InvalidValue(f"{field}: expected a list of strings, found {v!r}")
+    return list(v)
+
+
+def _check_opt_str(field: str, v: Any) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise InvalidValue(f"{field}: expected a string or null, found {v!r}")
+    return v
+
+
+def _check_field(field: str, v: Any) -> Any:
+    if field == "name":
+        if not isinstance(v, str) or not v.strip():
+            raise InvalidValue(f"name: expected a non-empty string, found {v!r}")
+        return v
+    if field in ("owner", "plan"):
+        return _check_opt_str(field, v)
+    if field in _LIST_FIELDS:
+        return _check_str_list(field, v)
+    if field == "expires_at":
+        return None if v is None else parse_ts(v, "expires_at")
+    if field == "metadata":
+        if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+            raise InvalidValue(f"metadata: expected an object with string keys, found {v!r}")
+        try:  # must survive a JSON round trip unchanged in meaning
+            return msgspec.json.decode(msgspec.json.encode(v))
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise InvalidValue(f"metadata: not JSON-serialisable ({exc})") from None
+    raise InvalidValue(f"{field}: cannot be changed (changeable: {', '.join(EDITABLE)})")
+
+
+def _check_id(key_id: Any) -> str:
+    if not isinstance(key_id, str) or not _ID_RE.match(key_id):
+        raise InvalidValue(f"id: expected 1..{KEY_ID_MAX} ASCII letters or digits, found {key_id!r}")
+    return key_id
+
+
+def _check_digest(field: str, d: Any) -> bytes:
+    if not isinstance(d, (bytes, bytearray)) or len(d) != DIGEST_BYTES:
+        raise InvalidValue(f"{field}: expected a {DIGEST_BYTES}-byte keyed digest")
+    return bytes(d)
+
+
+# ---------------------------------------------------------------- schema
+
+_SCHEMA_V1 = """
+CREATE TABLE keys (
+    id             TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    owner          TEXT,
+    plan           TEXT,
+    scopes         TEXT,              -- JSON list; NULL = []
+    allow_cidrs    TEXT,              -- JSON list; NULL = []
+    deny_cidrs     TEXT,              -- JSON list; NULL = []
+    limits         TEXT,              -- JSON list; NULL = []
+    expires_at     TEXT,              -- RFC 3339 'Z', sorts as text
+    metadata       TEXT,              -- JSON object; NULL = {}
+    created_at     TEXT NOT NULL,
+    updated_at     TEXT NOT NULL,
+    revoked_at     TEXT,
+    slot           INTEGER,           -- NULL = not assigned
+    digest         BLOB NOT NULL,     -- keyed digest, never the key
+    prev_digest    BLOB,
+    grace_until_ms INTEGER NOT NULL DEFAULT 0,
+    expired_noted  TEXT               -- the expires_at value an 'expired' event was logged for
+) WITHOUT ROWID;
+CREATE INDEX keys_owner ON keys(owner, id) WHERE owner IS NOT NULL;
+CREATE INDEX keys_slot ON keys(slot) WHERE slot IS NOT NULL;
+CREATE INDEX keys_expires ON keys(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE audit (
+    seq       INTEGER PRIMARY KEY,
+    ts        TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    event     TEXT NOT NULL,
+    key_id    TEXT NOT NULL,
+    changes   TEXT NOT NULL,          -- canonical JSON, never secrets or digests
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE INDEX audit_key ON audit(key_id, seq);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+"""
+
+_COLS = ("id, name, owner, plan, scopes, allow_cidrs, deny_cidrs, limits, expires_at, metadata, "
+         "created_at, updated_at, revoked_at, slot, digest, prev_digest, grace_until_ms")
+_INSERT = f"INSERT INTO keys ({_COLS}) VALUES ({', '.join('?' * 17)})"
+_AUDIT_INSERT = ("INSERT INTO audit (seq, ts, actor, event, key_id, changes, prev_hash, hash) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+_dec_list = msgspec.json.Decoder(list[str]).decode
+_dec_obj = msgspec.json.Decoder(dict[str, Any]).decode
+_enc = msgspec.json.Encoder().encode
+
+
+def _row_to_record(r: tuple) -> KeyRecord:
+    return KeyRecord(
+        r[0], r[1], r[2], r[3],
+        _dec_list(r[4]) if r[4] else [], _dec_list(r[5]) if r[5] else [],
+        _dec_list(r[6]) if r[6] else [], _dec_list(r[7]) if r[7] else [],
+        r[8], _dec_obj(r[9]) if r[9] else {}, r[10], r[11], r[12],
+        -1 if r[13] is None else r[13], r[14], r[15], r[16],
+    )
+
+
+def _jl(v: list) -> str | None:
+    return _enc(v).decode() if v else None
+
+
+def _record_to_row(rec: KeyRecord) -> tuple:
+    return (
+        rec.id, rec.name, rec.owner, rec.plan, _jl(rec.scopes), _jl(rec.allow_cidrs), _jl(rec.deny_cidrs),
+        _jl(rec.limits), rec.expires_at, _jl(rec.metadata) if rec.metadata else None, rec.created_at,
+        rec.updated_at, rec.revoked_at, None if rec.slot < 0 else rec.slot, rec.digest, rec.prev_digest,
+        rec.grace_until_ms,
+    )
+
+
+def _created_changes(rec: KeyRecord) -> dict[str, Any]:
+    pub = rec.public()
+    for k in ("id", "created_at", "updated_at"):
+        pub.pop(k, None)
+    return pub
+
+
+def _mkdirs_0700(d: str) -> None:
+    missing = []
+    while d and not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for m in reversed(missing):
+        try:
+            os.mkdir(m, 0o700)
+        except FileExistsError:
+            pass
+
+
+# ---------------------------------------------------------------- the store
+
+
+class KeyStore:
+    """SQLite key store; see the module docstring for files and guarantees."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        self.secret_path = self.path + ".secret"
+        self.head_path = head_path(self.path)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._secret_fd = -1
+        _mkdirs_0700(os.path.dirname(os.path.abspath(self.path)))
+        if not os.path.exists(self.path):
+            try:  # SQLite would create it 0644; an empty file is a valid empty database
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot create key store {self.path}: {exc}") from None
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA busy_timeout = 10000")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+            self._secret = self._load_secret()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open key store {self.path}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _migrate(self) -> None:
+        c = self._conn
+        assert c is not None
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                tables = c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if tables:
+                    raise StoreError(f"{self.path} is an SQLite database but not a fastgate key store "
+                                     "(user_version 0 with existing tables)")
+                # executescript() would COMMIT first: run the statements one by one instead
+                for stmt in _split_sql(_SCHEMA_V1):
+                    c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: key store schema version {version} is not one this fastgate "
+                                 f"understands (it reads version {SCHEMA_VERSION}); "
+                                 "use the fastgate release that wrote it, or a newer one")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def _load_secret(self) -> bytes:
+        p = self.secret_path
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            assert self._conn is not None
+            n = self._conn.execute("SELECT count(*) FROM keys").fetchone()[0]
+            if n:
+                raise StoreError(f"server secret {p} is missing but {self.path} holds {n} keys: restore the "
+                                 "secret from backup (a new one would invalidate every key)") from None
+            return self._create_secret()
+        except OSError as exc:
+            raise StoreError(f"cannot open server secret {p}: {exc}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"server secret {p} is not a regular file")
+            if st.st_mode & 0o077:
+                raise StoreError(f"server secret {p} has mode {stat.S_IMODE(st.st_mode):04o}; it must be "
+                                 f"readable by its owner only: chmod 600 {p}")
+            data = os.read(fd, 4096)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not SECRET_BYTES <= len(data) <= 64:
+            os.close(fd)
+            raise StoreError(f"server secret {p} holds {len(data)} bytes, expected {SECRET_BYTES}..64")
+        self._secret_fd = fd
+        return data
+
+    def _create_secret(self) -> bytes:
+        p = self.secret_path
+        data = secrets.token_bytes(SECRET_BYTES)
+        try:
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:  # another process won the race: use its secret
+            return self._load_secret()
+        except OSError as exc:
+            raise StoreError(f"cannot create server secret {p}: {exc}") from None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            dfd = os.open(os.path.dirname(os.path.abspath(p)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._secret_fd = fd
+        return data
+
+    @property
+    def secret(self) -> bytes:
+        """The server secret for core.key_digest / core.KeyTable(secret=...)."""
+        return self._secret
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._secret_fd >= 0:
+                os.close(self._secret_fd)
+                self._secret_fd = -1
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"key store {self.path} is closed")
+        return self._conn
+
+    # ------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _write(self) -> Iterator[_Tx]:
+        """BEGIN IMMEDIATE .. COMMIT with the audit anchor kept in step; StoreError on any failure."""
+        with self._lock:
+            c = self._c
+            fcntl.flock(self._secret_fd, fcntl.LOCK_EX)
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                tail = c.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone() or (0, ZERO_HASH)
+                tx = _Tx(c, tail)
+                anchored = False
+                try:
+                    yield tx
+                    tx.flush()
+                    if tx.head != tail:
+                        write_head(self.head_path, tail[0], tail[1], pending=tx.head)
+                        anchored = True
+                    c.execute("COMMIT")
+                except BaseException as exc:
+                    if c.in_transaction:
+                        c.execute("ROLLBACK")
+                    if anchored:
+                        try:
+                            write_head(self.head_path, *tail)
+                        except OSError:
+                            pass  # the pending anchor still accepts the committed tail
+                    if isinstance(exc, StoreError):
+                        raise
+                    if isinstance(exc, sqlite3.IntegrityError):
+                        raise Conflict(f"{self.path}: {exc}") from None
+                    if isinstance(exc, (sqlite3.Error, OSError)):
+                        raise StoreError(f"key store {self.path}: write failed, nothing changed: {exc}") from None
+                    raise
+                if tx.head != tail:
+                    try:
+                        write_head(self.head_path, *tx.head)
+                    except OSError:
+                        pass  # committed; the anchor's pending entry already matches the new tail
+            except sqlite3.Error as exc:  # BEGIN itself failed (busy, disk)
+                raise StoreError(f"key store {self.path}: cannot start a write: {exc}") from None
+            finally:
+                fcntl.flock(self._secret_fd, fcntl.LOCK_UN)
+
+    def _get(self, c: sqlite3.Connection, key_id: str) -> KeyRecord:
+        row = c.execute(f"SELECT {_COLS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no key with id {key_id!r}")
+        return _row_to_record(row)
+
+    # ------------------------------------------------------------ reads
+
+    def new_key_id(self) -> str:
+        """16 base62 characters (~95 bits) from secrets, not used by any stored key."""
+        while True:
+            kid = "".join(secrets.choice(_B62) for _ in range(16))
+            if self.get(kid) is None:
+                return kid
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._c.execute(f"SELECT {_COLS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_record(row)
+
+    def list(self, owner: str | None = None, limit: int = 100, after: str | None = None) -> list[KeyRecord]:
+        """Keys ordered by id; pass the last id of a page as ``after`` for the next one."""
+        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidValue(f"limit: expected 1..10000, found {limit!r}")
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if after is not None:
+            where.append("id > ?")
+            args.append(after)
+        sql = f"SELECT {_COLS} FROM keys {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY id LIMIT ?"
+        with self._lock:
+            rows = self._c.execute(sql, (*args, limit)).fetchall()
+        return [_row_to_record(r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._c.execute("SELECT count(*) FROM keys").fetchone()[0]
+
+    def iter_all(self, batch: int = 10_000) -> Iterator[KeyRecord]:
+        """Every record in id order, streamed in batches from one query (for loading at start).
+
+        Uses its own read connection (one consistent WAL snapshot), so writes may continue
+        meanwhile; close the generator (or exhaust it) to release the snapshot."""
+        conn = sqlite3.connect(f"file:{os.path.abspath(self.path)}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            cur = conn.execute(f"SELECT {_COLS} FROM keys ORDER BY id")
+            conv = _row_to_record
+            while rows := cur.fetchmany(batch):
+                for r in rows:
+                    yield conv(r)
+            cur.close()
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def by_slot(self, slot: int) -> KeyRecord | None:
+        with self._lock:
+            row = self._c.execute(f"SELECT {_COLS} FROM keys WHERE slot = ?", (slot,)).fetchone()
+        return None if row is None else _row_to_record(row)
+
+    def id_slots(self) -> dict[str, int]:
+        """{id: slot} for every key with a slot assigned."""
+        with self._lock:
+            return dict(self._c.execute("SELECT id, slot FROM keys WHERE slot IS NOT NULL"))
+
+    def due_expired(self, now: str | None = None, limit: int = 1000) -> list[str]:
+        """Ids of keys whose expires_at has passed and whose 'expired' event is not logged yet."""
+        now = now or now_ts()
+        with self._lock:
+            rows = self._c.execute(
+                "SELECT id FROM keys WHERE expires_at IS NOT NULL AND expires_at <= ? "
+                "AND (expired_noted IS NULL OR expired_noted != expires_at) ORDER BY expires_at LIMIT ?",
+                (now, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def audit(self, after_seq: int = 0, limit: int = 100, key_id: str | None = None) -> list[AuditEvent]:
+        """Audit events with seq > after_seq, oldest first (page with the last seq seen)."""
+        if not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidValue(f"limit: expected 1..10000, found {limit!r}")
+        sql = "SELECT seq, ts, actor, event, key_id, changes, prev_hash, hash FROM audit WHERE seq > ?"
+        args: list[Any] = [after_seq]
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            args.append(key_id)
+        with self._lock:
+            rows = self._c.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        return [AuditEvent(r[0], r[1], r[2], r[3], r[4], _dec_obj(r[5]), r[6], r[7]) for r in rows]
+
+    def verify_audit(self) -> tuple[bool, list[str], int]:
+        """(ok, problems, rows_checked); see fastgate.keys.audit for what is and is not detected."""
+        with self._lock:
+            return verify_chain(self._c, self.head_path)
+
+    # ------------------------------------------------------------ writes
+
+    def create(self, rec: KeyRecord, actor: str) -> KeyRecord:
+        """Insert a new key (rec.digest = core.key_digest(store.secret, key)); returns the stored record."""
+        now = now_ts()
+        rec = self._validated(rec, created_at=now, updated_at=now)
+        with self._write() as tx:
+            try:
+                tx.c.execute(_INSERT, _record_to_row(rec))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"a key with id {rec.id!r} already exists") from None
+            tx.event(actor, "created", rec.id, _created_changes(rec))
+        return rec
+
+    def update(self, key_id: str, changes: dict[str, Any], actor: str) -> KeyRecord:
+        """Change some of EDITABLE; the audit event lists each changed field as {"old", "new"}."""
+        if not isinstance(changes, dict):
+            raise InvalidValue(f"changes: expected an object, found {changes!r}")
+        clean = {f: _check_field(f, v) for f, v in changes.items()}
+        with self._write() as tx:
+            old = self._get(tx.c, key_id)
+            diff = {f: {"old": getattr(old, f), "new": v} for f, v in clean.items() if getattr(old, f) != v}
+            if not diff:
+                return old
+            new = msgspec.structs.replace(old, updated_at=now_ts(), **{f: clean[f] for f in diff})
+            sets = ", ".join(f"{f} = ?" for f in diff)
+            vals = [_jl(new.metadata) if f == "metadata" else _jl(getattr(new, f)) if f in _LIST_FIELDS
+                    else getattr(new, f) for f in diff]
+            tx.c.execute(f"UPDATE keys SET {sets}, updated_at = ? WHERE id = ?", (*vals, new.updated_at, key_id))
+            tx.event(actor, "updated", key_id, diff)
+        return new
+
+    def rotate(self, key_id: str, new_digest: bytes, grace_until_ms: int, actor: str) -> KeyRecord:
+        """The current digest becomes prev_digest, valid while now_ms < grace_until_ms.
+
+        A grace that has already ended (0 or in the past) drops the old digest at once
+        (prev_digest None); a second rotation within a grace replaces the older prev_digest."""
+        new_digest = _check_digest("new_digest", new_digest)
+        if not isinstance(grace_until_ms, int) or grace_until_ms < 0:
+            raise InvalidValue(f"grace_until_ms: expected an int >= 0, found {grace_until_ms!r}")
+        if grace_until_ms <= time.time() * 1000:
+            grace_until_ms = 0
+        with self._write() as tx:
+            old = self._get(tx.c, key_id)
+            if old.revoked_at is not None:
+                raise Conflict(f"key {key_id!r} is revoked; a revoked key cannot be rotated")
+            prev = old.digest if grace_until_ms else None
+            new = msgspec.structs.replace(old, digest=new_digest, prev_digest=prev, grace_until_ms=grace_until_ms,
+                                          updated_at=now_ts())
+            tx.c.execute("UPDATE keys SET digest = ?, prev_digest = ?, grace_until_ms = ?, updated_at = ? WHERE id = ?",
+                         (new.digest, new.prev_digest, new.grace_until_ms, new.updated_at, key_id))
+            tx.event(actor, "rotated", key_id,
+                     {"previous_valid_until": ms_to_ts(grace_until_ms) if grace_until_ms else None})
+        return new
+
+    def revoke(self, key_id: str, actor: str) -> KeyRecord:
+        """Set revoked_at; revoking a revoked key changes nothing and logs nothing."""
+        with self._write() as tx:
+            old = self._get(tx.c, key_id)
+            if old.revoked_at is not None:
+                return old
+            now = now_ts()
+            new = msgspec.structs.replace(old, revoked_at=now, updated_at=now)
+            tx.c.execute("UPDATE keys SET revoked_at = ?, updated_at = ? WHERE id = ?", (now, now, key_id))
+            tx.event(actor, "revoked", key_id, {"revoked_at": now})
+        return new
+
+    def delete(self, key_id: str, actor: str) -> KeyRecord:
+        """Remove the key; the audit event keeps its last public state. Returns the deleted record."""
+        with self._write() as tx:
+            old = self._get(tx.c, key_id)
+            tx.c.execute("DELETE FROM keys WHERE id = ?", (key_id,))
+            tx.event(actor, "deleted", key_id, _created_changes(old))
+        return old
+
+    def mark_expired(self, key_id: str, actor: str = "system") -> bool:
+        """Log the 'expired' event for a key whose expires_at has passed, once per expiry
+        (extending expires_at and expiring again logs again). True if an event was added."""
+        with self._write() as tx:
+            old = self._get(tx.c, key_id)
+            if old.expires_at is None or old.expires_at > now_ts():
+                return False
+            noted = tx.c.execute("SELECT expired_noted FROM keys WHERE id = ?", (key_id,)).fetchone()[0]
+            if noted == old.expires_at:
+                return False
+            tx.c.execute("UPDATE keys SET expired_noted = ? WHERE id = ?", (old.expires_at, key_id))
+            tx.event(actor, "expired", key_id, {"expires_at": old.expires_at})
+        return True
+
+    def set_slot(self, key_id: str, slot: int) -> None:
+        """Record the shared-memory key index (-1 clears it). Not audited."""
+        self.set_slots([(key_id, slot)])
+
+    def set_slots(self, pairs: Iterable[tuple[str, int]]) -> int:
+        """set_slot for many keys in one transaction (e.g. after loading into a fresh arena)."""
+        with self._write() as tx:
+            cur = tx.c.executemany("UPDATE keys SET slot = ? WHERE id = ?",
+                                   ((None if s < 0 else s, k) for k, s in pairs))
+            n = cur.rowcount
+        return n
+
+    def bulk_import(self, records: Iterable[KeyRecord], actor: str, batch: int = 10_000) -> int:
+        """Insert many records in ONE transaction, each with its 'created' event; all or nothing.
+
+        Keeps the records' timestamps (fills empty ones with now) and slots. Returns the count."""
+        now = now_ts()
+        n = 0
+        with self._write() as tx:
+            chunk: list[KeyRecord] = []
+            for rec in records:
+                if not rec.created_at or not rec.updated_at:
+                    rec = msgspec.structs.replace(rec, created_at=rec.created_at or now,
+                                                  updated_at=rec.updated_at or now)
+                chunk.append(rec)
+                if len(chunk) >= batch:
+                    n += self._import_chunk(tx, chunk, actor)
+                    chunk = []
+            if chunk:
+                n += self._import_chunk(tx, chunk, actor)
+        return n
+
+    def _import_chunk(self, tx: _Tx, recs: list[KeyRecord], actor: str) -> int:
+        for r in recs:
+            if not _ID_RE.match(r.id) or len(r.digest) != DIGEST_BYTES or not isinstance(r.name, str):
+                self._validated(r, r.created_at, r.updated_at)  # raises the precise error
+        try:
+            tx.c.executemany(_INSERT, map(_record_to_row, recs))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"bulk import: {exc} (duplicate key id?); nothing was imported") from None
+        for r in recs:
+            tx.event(actor, "created", r.id, _created_changes(r))
+        return len(recs)
+
+    def _validated(self, rec: KeyRecord, created_at: str, updated_at: str) -> KeyRecord:
+        if not isinstance(rec, KeyRecord):
+            raise InvalidValue(f"expected a KeyRecord, found {type(rec).__name__}")
+        _check_id(rec.id)
+        fields = {f: _check_field(f, getattr(rec, f)) for f in EDITABLE}
+        _check_digest("digest", rec.digest)
+        if rec.prev_digest is not None:
+            _check_digest("prev_digest", rec.prev_digest)
+        revoked = None if rec.revoked_at is None else parse_ts(rec.revoked_at, "revoked_at")
+        return msgspec.structs.replace(rec, **fields, created_at=created_at, updated_at=updated_at,
+                                       revoked_at=revoked, digest=bytes(rec.digest))
+
+
+class _Tx:
+    """Inside one write transaction: appends chained audit rows (flushed before COMMIT)."""
+
+    __slots__ = ("c", "head", "_rows")
+
+    def __init__(self, c: sqlite3.Connection, tail: tuple[int, str]) -> None:
+        self.c = c
+        self.head = tail
+        self._rows: list[tuple] = []
+
+    def event(self, actor: str, event: str, key_id: str, changes: dict[str, Any]) -> None:
+        if not isinstance(actor, str) or not actor:
+            raise InvalidValue(f"actor: expected a non-empty string, found {actor!r}")
+        seq, prev = self.head[0] + 1, self.head[1]
+        ts = now_ts()
+        text = canonical_changes(changes)
+        h = chain_hash(prev, seq, ts, actor, event, key_id, text)
+        self._rows.append((seq, ts, actor, event, key_id, text, prev, h))
+        self.head = (seq, h)
+        if len(self._rows) >= 10_000:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows:
+            self.c.executemany(_AUDIT_INSERT, self._rows)
+            self._rows = []
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split the schema into statements (triggers contain ';' inside BEGIN..END)."""
+    out, buf = [], []
+    for line in script.strip().splitlines():
+        buf.append(line)
+        joined = "\n".join(buf).strip()
+        if joined.endswith(";") and sqlite3.complete_statement(joined):
+            out.append(joined)
+            buf = []
+    return out
+
+
+__all__ = [
+    "SCHEMA_VERSION", "EDITABLE", "KeyStore", "KeyRecord", "AuditEvent", "StoreError", "NotFound", "Conflict",
+    "InvalidValue", "now_ts", "parse_ts", "ts_to_ms", "ms_to_ts", "verify_chain", "read_head",
+]
