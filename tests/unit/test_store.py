@@ -1,0 +1,379 @@
+"""Key store: real SQLite files in tmp_path. Durability across reopen, the 0600 secret,
+no plaintext key on disk, every method, pagination, and all-or-nothing failed writes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+
+import msgspec
+import pytest
+
+from fastgate import core
+from fastgate.keys import (
+    Conflict,
+    InvalidValue,
+    KeyRecord,
+    KeyStore,
+    NotFound,
+    StoreError,
+    parse_ts,
+    ts_to_ms,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = KeyStore(str(tmp_path / "data" / "keys.db"))
+    yield s
+    s.close()
+
+
+def new_key(store: KeyStore, **fields) -> tuple[str, KeyRecord]:
+    key = core.make_key(store.new_key_id())
+    kid = core.key_id_of(key.encode()).decode()
+    rec = KeyRecord(id=kid, name=fields.pop("name", "k"), digest=core.key_digest(store.secret, key.encode()), **fields)
+    return key, rec
+
+
+def raw(path):
+    """A raw connection for inspecting the file behind the store's back."""
+    return sqlite3.connect(str(path))
+
+
+def slurp(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def count(path, table) -> int:
+    c = raw(path)
+    try:
+        return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------- files, modes, durability
+
+
+def test_files_modes_and_pragmas(tmp_path):
+    path = tmp_path / "a" / "b" / "keys.db"
+    with KeyStore(str(path)) as s:
+        assert len(s.secret) == 32
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(str(path) + ".secret").st_mode) == 0o600
+        assert s._c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s._c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert s._c.execute("PRAGMA user_version").fetchone()[0] == 1
+        _, rec = new_key(s)
+        s.create(rec, "admin")
+        assert stat.S_IMODE(os.stat(str(path) + ".audit-head").st_mode) == 0o600
+
+
+def test_reopen_sees_committed_data_and_same_secret(tmp_path):
+    path = str(tmp_path / "keys.db")
+    s = KeyStore(path)
+    key, rec = new_key(s, name="ci", owner="acme", scopes=["GET /orders/*"], metadata={"team": "x"})
+    s.create(rec, "admin")
+    s.revoke(rec.id, "admin")
+    secret = s.secret
+    s.close()
+    with KeyStore(path) as s2:
+        assert s2.secret == secret
+        got = s2.get(rec.id)
+        assert got is not None and got.owner == "acme" and got.metadata == {"team": "x"}
+        assert got.revoked_at is not None
+        assert got.digest == core.key_digest(s2.secret, key.encode())
+        assert [e.event for e in s2.audit()] == ["created", "revoked"]
+
+
+def test_secret_refused_when_group_or_world_readable(tmp_path):
+    path = str(tmp_path / "keys.db")
+    KeyStore(path).close()
+    os.chmod(path + ".secret", 0o644)
+    with pytest.raises(StoreError, match=r"mode 0644.*chmod 600"):
+        KeyStore(path)
+    os.chmod(path + ".secret", 0o600)
+    KeyStore(path).close()
+
+
+def test_missing_secret_with_keys_is_refused_not_regenerated(tmp_path):
+    path = str(tmp_path / "keys.db")
+    with KeyStore(path) as s:
+        s.create(new_key(s)[1], "admin")
+    os.unlink(path + ".secret")
+    with pytest.raises(StoreError, match="secret .* is missing"):
+        KeyStore(path)
+    assert not os.path.exists(path + ".secret")
+
+
+def test_unknown_schema_version_and_foreign_db(tmp_path):
+    path = str(tmp_path / "keys.db")
+    KeyStore(path).close()
+    c = raw(path)
+    c.execute("PRAGMA user_version = 99")
+    c.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        KeyStore(path)
+    other = str(tmp_path / "other.db")
+    c = raw(other)
+    c.execute("CREATE TABLE t (x)")
+    c.close()
+    with pytest.raises(StoreError, match="not a fastgate key store"):
+        KeyStore(other)
+
+
+def test_no_plaintext_key_in_db_or_wal(tmp_path):
+    path = str(tmp_path / "keys.db")
+    s = KeyStore(path)
+    key, rec = new_key(s, name="secret-test")
+    s.create(rec, "admin")
+    key2 = core.make_key(rec.id)
+    s.rotate(rec.id, core.key_digest(s.secret, key2.encode()), int(time.time() * 1000) + 60_000, "admin")
+    secret_parts = [k.split("_", 2)[2].encode() for k in (key, key2)]
+    # inspect while the WAL still holds the pages, then again after a checkpoint
+    files = [path, path + "-wal", path + ".audit-head"]
+    blobs = b"".join(slurp(f) for f in files if os.path.exists(f))
+    assert rec.id.encode() in blobs  # sanity: we are looking at the right bytes
+    for part in secret_parts:
+        assert part[:20] not in blobs
+    s.close()
+    blob = slurp(path)
+    for part in secret_parts:
+        assert part[:20] not in blob
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_create_get_public_and_record_shape(store):
+    _, rec = new_key(store, name="ci", owner="acme", plan="free", scopes=["GET /x/*"], allow_cidrs=["10.0.0.0/8"],
+                     deny_cidrs=["10.1.0.0/16"], limits=["5/second"], expires_at="2030-01-01T01:00:00+01:00",
+                     metadata={"a": [1, 2]})
+    out = store.create(rec, "admin")
+    assert out.expires_at == "2030-01-01T00:00:00Z"
+    assert out.created_at == out.updated_at and out.created_at.endswith("Z") and len(out.created_at) == 20
+    assert store.get(rec.id) == out
+    assert store.get("nope") is None
+    pub = out.public()
+    assert set(pub) == {"id", "name", "owner", "plan", "scopes", "allow_cidrs", "deny_cidrs", "limits",
+                        "expires_at", "metadata", "created_at", "updated_at"}
+    assert "digest" not in msgspec.json.encode(pub).decode()
+    bare = store.create(new_key(store)[1], "admin").public()
+    assert "owner" not in bare and "revoked_at" not in bare and bare["scopes"] == []
+    # msgspec encoding omits None defaults
+    assert b'"owner"' not in msgspec.json.encode(store.get(bare["id"]))
+
+
+def test_new_key_id_shape(store):
+    ids = {store.new_key_id() for _ in range(200)}
+    assert len(ids) == 200
+    for kid in ids:
+        assert len(kid) == 16 and kid.isalnum() and kid.isascii()
+        core.make_key(kid)  # accepted by the core's key format
+
+
+def test_create_validates(store):
+    _, rec = new_key(store)
+    for bad, msg in [
+        (msgspec.structs.replace(rec, id="has_underscore"), "id"),
+        (msgspec.structs.replace(rec, id="x" * 33), "id"),
+        (msgspec.structs.replace(rec, digest=b"short"), "digest"),
+        (msgspec.structs.replace(rec, name=""), "name"),
+        (msgspec.structs.replace(rec, scopes="GET /x"), "scopes"),
+        (msgspec.structs.replace(rec, expires_at="2030-01-01"), "expires_at"),
+        (msgspec.structs.replace(rec, expires_at="2030-01-01T00:00:00"), "timezone"),
+        (msgspec.structs.replace(rec, metadata={"x": object()}), "metadata"),
+    ]:
+        with pytest.raises(InvalidValue, match=msg):
+            store.create(bad, "admin")
+    assert store.count() == 0 and store.audit() == []
+
+
+def test_failed_write_changes_nothing(store, tmp_path):
+    _, rec = new_key(store)
+    store.create(rec, "admin")
+    head = slurp(store.head_path)
+    _, other = new_key(store)
+    dup = msgspec.structs.replace(other, id=rec.id, name="dup")
+    with pytest.raises(Conflict):
+        store.create(dup, "admin")
+    assert store.get(rec.id).name == "k"
+    assert store.count() == 1 and len(store.audit()) == 1
+    assert slurp(store.head_path) == head
+    assert store.verify_audit()[0]
+    # a failing bulk import leaves neither rows nor audit events
+    batch = [new_key(store)[1] for _ in range(5)] + [msgspec.structs.replace(other, id=rec.id)]
+    with pytest.raises(Conflict):
+        store.bulk_import(batch, "migration")
+    assert store.count() == 1 and len(store.audit(limit=1000)) == 1
+    assert store.verify_audit() == (True, [], 1)
+    # the raw file agrees (nothing half-written behind the store's cache)
+    assert count(store.path, "keys") == 1 and count(store.path, "audit") == 1
+
+
+def test_not_found(store):
+    for call in (lambda: store.update("nope", {"name": "x"}, "a"), lambda: store.revoke("nope", "a"),
+                 lambda: store.rotate("nope", b"d" * 32, 0, "a"), lambda: store.delete("nope", "a"),
+                 lambda: store.mark_expired("nope")):
+        with pytest.raises(NotFound):
+            call()
+    assert store.audit() == []
+
+
+def test_update_records_changed_fields(store):
+    _, rec = new_key(store, name="a", scopes=["GET /x"])
+    store.create(rec, "admin")
+    out = store.update(rec.id, {"name": "b", "scopes": ["GET /x"], "plan": "pro", "metadata": {"k": 1},
+                                "expires_at": "2031-05-05T05:05:05.9+00:00"}, "alice")
+    assert (out.name, out.plan, out.metadata, out.expires_at) == ("b", "pro", {"k": 1}, "2031-05-05T05:05:05Z")
+    assert store.get(rec.id) == out
+    ev = store.audit(key_id=rec.id)[-1]
+    assert (ev.event, ev.actor) == ("updated", "alice")
+    assert ev.changes == {"name": {"old": "a", "new": "b"}, "plan": {"old": None, "new": "pro"},
+                          "metadata": {"old": {}, "new": {"k": 1}},
+                          "expires_at": {"old": None, "new": "2031-05-05T05:05:05Z"}}  # scopes unchanged
+    # no-op update: no event
+    store.update(rec.id, {"name": "b"}, "alice")
+    assert len(store.audit(key_id=rec.id)) == 2
+    for bad in ({"digest": b"x" * 32}, {"id": "other"}, {"created_at": "2020-01-01T00:00:00Z"}, {"slot": 3},
+                {"limits": [5]}, {"owner": 7}):
+        with pytest.raises(InvalidValue):
+            store.update(rec.id, bad, "alice")
+    assert len(store.audit(key_id=rec.id)) == 2
+
+
+def test_rotate_keeps_previous_digest_for_the_grace(store):
+    _, rec = new_key(store)
+    store.create(rec, "admin")
+    until = int(time.time() * 1000) + 3_600_000
+    d2 = b"\x02" * 32
+    out = store.rotate(rec.id, d2, until, "admin")
+    assert (out.digest, out.prev_digest, out.grace_until_ms) == (d2, rec.digest, until)
+    assert store.get(rec.id) == out
+    ev = store.audit(key_id=rec.id)[-1]
+    assert ev.event == "rotated" and ev.changes == {"previous_valid_until": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(until // 1000))}
+    out = store.rotate(rec.id, b"\x03" * 32, 0, "admin")  # no grace: the old digest goes at once
+    assert (out.prev_digest, out.grace_until_ms) == (None, 0)
+    with pytest.raises(InvalidValue):
+        store.rotate(rec.id, b"short", 0, "admin")
+    store.revoke(rec.id, "admin")
+    with pytest.raises(Conflict, match="revoked"):
+        store.rotate(rec.id, b"\x04" * 32, 0, "admin")
+
+
+def test_revoke_is_idempotent(store):
+    _, rec = new_key(store)
+    store.create(rec, "admin")
+    a = store.revoke(rec.id, "admin")
+    b = store.revoke(rec.id, "someone-else")
+    assert a.revoked_at and a.revoked_at == b.revoked_at
+    assert [e.event for e in store.audit(key_id=rec.id)] == ["created", "revoked"]
+    assert store.get(rec.id).public()["revoked_at"] == a.revoked_at
+
+
+def test_delete_keeps_history(store):
+    _, rec = new_key(store, name="gone", owner="acme")
+    store.create(rec, "admin")
+    store.delete(rec.id, "admin")
+    assert store.get(rec.id) is None
+    ev = store.audit(key_id=rec.id)
+    assert [e.event for e in ev] == ["created", "deleted"]
+    assert ev[-1].changes["name"] == "gone" and ev[-1].changes["owner"] == "acme"
+
+
+def test_mark_expired_once_per_expiry(store):
+    _, rec = new_key(store, expires_at="2020-01-01T00:00:00Z")
+    _, live = new_key(store, expires_at="2999-01-01T00:00:00Z")
+    _, never = new_key(store)
+    for r in (rec, live, never):
+        store.create(r, "admin")
+    assert store.due_expired() == [rec.id]
+    assert store.mark_expired(rec.id) is True
+    assert store.mark_expired(rec.id) is False
+    assert store.mark_expired(live.id) is False and store.mark_expired(never.id) is False
+    assert store.due_expired() == []
+    ev = store.audit(key_id=rec.id)[-1]
+    assert (ev.event, ev.actor, ev.changes) == ("expired", "system", {"expires_at": "2020-01-01T00:00:00Z"})
+    # extended, then expired again: a new event
+    store.update(rec.id, {"expires_at": "2021-01-01T00:00:00Z"}, "admin")
+    assert store.mark_expired(rec.id, actor="sweeper") is True
+    assert [e.event for e in store.audit(key_id=rec.id)].count("expired") == 2
+
+
+def test_slots(store):
+    recs = [new_key(store)[1] for _ in range(3)]
+    for r in recs:
+        store.create(r, "admin")
+    n = len(store.audit())
+    store.set_slot(recs[0].id, 7)
+    store.set_slots([(recs[1].id, 8), (recs[2].id, 9)])
+    assert store.id_slots() == {recs[0].id: 7, recs[1].id: 8, recs[2].id: 9}
+    assert store.by_slot(8).id == recs[1].id and store.by_slot(99) is None
+    assert store.get(recs[0].id).slot == 7
+    store.set_slot(recs[0].id, -1)
+    assert recs[0].id not in store.id_slots() and store.get(recs[0].id).slot == -1
+    assert len(store.audit()) == n  # slots are not audited
+
+
+def test_list_pagination_and_owner(store):
+    recs = []
+    for i in range(25):
+        _, r = new_key(store, name=f"k{i}", owner="acme" if i % 2 else "globex")
+        recs.append(store.create(r, "admin"))
+    ids = sorted(r.id for r in recs)
+    pages, after = [], None
+    while page := store.list(limit=10, after=after):
+        pages.append([r.id for r in page])
+        after = page[-1].id
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert sum(pages, []) == ids
+    acme = store.list(owner="acme", limit=100)
+    assert [r.id for r in acme] == sorted(r.id for r in recs if r.owner == "acme")
+    assert [r.id for r in store.list(owner="acme", limit=3, after=acme[2].id)] == [r.id for r in acme[3:6]]
+    with pytest.raises(InvalidValue):
+        store.list(limit=0)
+
+
+def test_iter_all_and_bulk_import(store):
+    recs = [new_key(store, name=f"n{i}", scopes=["GET /a/*"] if i % 3 == 0 else [], slot=i)[1] for i in range(50)]
+    assert store.bulk_import(iter(recs), "migration", batch=7) == 50
+    got = list(store.iter_all(batch=16))
+    assert [r.id for r in got] == sorted(r.id for r in recs)
+    by_id = {r.id: r for r in recs}
+    for g in got:
+        want = by_id[g.id]
+        assert (g.name, g.scopes, g.digest, g.slot) == (want.name, want.scopes, want.digest, want.slot)
+        assert g.created_at and g.updated_at
+    assert len(store.id_slots()) == 50
+    ev = store.audit(limit=1000)
+    assert len(ev) == 50 and {e.event for e in ev} == {"created"} and {e.actor for e in ev} == {"migration"}
+    assert store.verify_audit() == (True, [], 50)
+    # an abandoned iterator releases its snapshot; writes go on meanwhile
+    it = store.iter_all()
+    next(it)
+    store.revoke(recs[0].id, "admin")
+    it.close()
+
+
+def test_closed_store_raises(tmp_path):
+    s = KeyStore(str(tmp_path / "keys.db"))
+    s.close()
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.get("x")
+
+
+def test_timestamps():
+    assert parse_ts("2030-01-01T00:00:00Z") == "2030-01-01T00:00:00Z"
+    assert parse_ts("2030-01-01t05:30:00.123+05:30") == "2030-01-01T00:00:00Z"
+    assert ts_to_ms("1970-01-01T00:00:10Z") == 10_000
+    for bad in ("yesterday", "2030-01-01", "2030-01-01T00:00:00", 5):
+        with pytest.raises(InvalidValue):
+            parse_ts(bad)
