@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import socket
 import sys
 
@@ -63,6 +64,25 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def _embedded_admin_token(data_dir: str, env: str) -> str:
+    """The embedded default keeps its admin token in a 0600 file in the data
+    dir (created once), so the quick start has a working admin API."""
+    if os.environ.get(env):
+        return f"fastgate: admin token from ${env}"
+    path = os.path.join(data_dir, "admin.token")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as f:
+            token = f.read().strip()
+    else:
+        token = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    os.environ[env] = token
+    return f"fastgate: admin token in {os.path.abspath(path)} (export {env}=$(cat {path}))"
+
+
 def cmd_run(args) -> int:
     from . import demo
     from .workers.supervisor import Supervisor, apply_overrides
@@ -88,7 +108,8 @@ def cmd_run(args) -> int:
             demo_port = demo_sock.getsockname()[1]
             extras.append(("demo upstream", lambda: demo.serve(demo_sock)))
             config = apply_overrides(cfg.default_config(data_dir, demo_port), overrides)
-            banner = [
+            token_note = _embedded_admin_token(data_dir, config.admin.token_env)
+            banner = [token_note,
                 f"fastgate: embedded default config: data dir {os.path.abspath(data_dir)}, "
                 f"route '/' -> built-in demo upstream 127.0.0.1:{demo_port} (auth = none)",
                 "fastgate: next: curl the address above; to add routes, write a gateway.toml "

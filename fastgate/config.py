@@ -118,12 +118,19 @@ class AdminConfig(Base):
 class KeysConfig(Base):
     store: str = "fastgate-data/keys.db"
     header: str = "x-api-key"  # Authorization: Bearer is always accepted too
-    capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1_000_000
+    capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1_000_000  # keys in shared memory
+    rate_capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1 << 18  # rate-limit subjects (keys, addresses)
+    # Brute-force protection: failed key checks allowed per client address; "off" disables.
+    failed_auth_limit: str = "30/minute"
 
     def __post_init__(self):
+        problems: list[str] = []
         if not _TOKEN.match(self.header):
-            raise ValueError(f"header: expected an HTTP header name, found {self.header!r}")  # one field, one problem
+            problems.append(f"header: expected an HTTP header name, found {self.header!r}")
         self.header = self.header.lower()
+        if self.failed_auth_limit != "off":
+            _check(problems, "failed_auth_limit", parse_limit, self.failed_auth_limit)
+        _raise_all(problems)
 
 
 class PlanConfig(Base):
@@ -162,6 +169,7 @@ class RouteConfig(Base):
     preserve_host: bool = False  # False: Host = upstream target (nginx/Kong default)
     strip_path: bool = False  # True: the matched prefix is removed before proxying
     key_query_param: str | None = None  # opt-in: accept the key from ?PARAM=
+    ip_limits: list[str] = []  # per client address, e.g. ["100/minute"] (for auth = "none" routes)
 
     def __post_init__(self):
         from .server.http1 import normalise_path
@@ -186,6 +194,8 @@ class RouteConfig(Base):
                 self.max_body_bytes = parse_size(self.max_body_bytes)
             except ValueError as exc:
                 problems.append(f"max_body_bytes: {exc}")
+        for i, limit in enumerate(self.ip_limits):
+            _check(problems, f"ip_limits[{i}]", parse_limit, limit)
         _raise_all(problems)
 
 

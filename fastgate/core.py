@@ -69,6 +69,11 @@ key_well_formed = _core_py.key_well_formed
 key_id_of = _core_py.key_id_of
 key_digest = _core_py.key_digest
 addr_hash = _core_py.addr_hash
+# Cold-path validators (the same parsers put() uses), for checking input
+# before it is stored.
+compile_scopes = _core_py.compile_scopes
+compile_cidrs = _core_py.compile_cidrs
+compile_limits = _core_py.compile_limits
 
 __all__ = [
     "IMPLEMENTATION", "Arena", "KeyTable", "RateTable", "CidrSet", "CoreError",
@@ -76,4 +81,5 @@ __all__ = [
     "KEY_IP_DENIED", "KEY_BUSY", "KEY_MALFORMED", "RATE_LIMITED", "RATE_TABLE_FULL", "UNLIMITED", "ERROR_CODE",
     "FLAG_DISABLED", "FLAG_REVOKED", "METHOD_BITS", "METHOD_OTHER", "METHOD_ALL", "WINDOWS", "LAYOUT_VERSION",
     "method_bit", "make_key", "key_well_formed", "key_id_of", "key_digest", "addr_hash",
+    "compile_scopes", "compile_cidrs", "compile_limits",
 ]

@@ -1,59 +1,44 @@
-"""Global IP rules: deny/allow lists and trusted proxies, decided once per address.
+"""Global IP rules: deny/allow lists (the core's CidrSet, O(log n) over merged
+ranges) and trusted proxies, decided once per address string.
 
-Decisions are cached per address string, so the per-request cost is one dict
-lookup; the cache is bounded and rebuilt with the rules on reload.
+Decisions are cached per address, so the per-request cost is one dict lookup;
+the cache is bounded and rebuilt with the rules on reload.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 
-from .config import IpConfig, parse_cidr
+from . import core
+from .config import IpConfig
 
 _CACHE_MAX = 65_536
 
 
-def _nets(cidrs: list[str]):
-    v4, v6 = [], []
-    for c in cidrs:
-        n = parse_cidr(c)
-        (v4 if n.version == 4 else v6).append(n)
-    return list(ipaddress.collapse_addresses(v4)), list(ipaddress.collapse_addresses(v6))
-
-
-def _contains(nets, addr) -> bool:
-    v4, v6 = nets
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    for n in v4 if addr.version == 4 else v6:
-        if addr in n:
-            return True
-    return False
+def pack_ip(ip: str) -> bytes:
+    """'1.2.3.4' -> 4 bytes, '::1' -> 16 bytes, anything else -> b''."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip.strip())
+    except (OSError, ValueError):
+        return b""
 
 
 class IpRules:
     __slots__ = ("allow", "deny", "trusted", "active", "_denied", "_trusted")
 
     def __init__(self, ic: IpConfig):
-        self.allow = _nets(ic.allow) if ic.allow else None
-        self.deny = _nets(ic.deny)
-        self.trusted = _nets(ic.trusted_proxies)
+        self.allow = core.CidrSet.compile(ic.allow, "ip.allow") if ic.allow else None
+        self.deny = core.CidrSet.compile(ic.deny, "ip.deny")
+        self.trusted = core.CidrSet.compile(ic.trusted_proxies, "ip.trusted_proxies")
         self.active = bool(ic.allow or ic.deny)
         self._denied: dict[str, bool] = {}
         self._trusted: dict[str, bool] = {}
 
-    @staticmethod
-    def _parse(ip: str):
-        try:
-            return ipaddress.ip_address(ip.strip())
-        except ValueError:
-            return None
-
     def is_trusted(self, ip: str) -> bool:
         r = self._trusted.get(ip)
         if r is None:
-            a = self._parse(ip)
-            r = a is not None and _contains(self.trusted, a)
+            packed = pack_ip(ip)
+            r = bool(packed) and self.trusted.contains(packed)
             if len(self._trusted) >= _CACHE_MAX:
                 self._trusted.clear()
             self._trusted[ip] = r
@@ -62,13 +47,13 @@ class IpRules:
     def denied(self, ip: str) -> bool:
         r = self._denied.get(ip)
         if r is None:
-            a = self._parse(ip)
-            if a is None:
-                r = True
-            elif _contains(self.deny, a):
+            packed = pack_ip(ip)
+            if not packed:
+                r = True  # not an address: never let it through an IP rule
+            elif self.deny.contains(packed):
                 r = True
             else:
-                r = self.allow is not None and not _contains(self.allow, a)
+                r = self.allow is not None and not self.allow.contains(packed)
             if len(self._denied) >= _CACHE_MAX:
                 self._denied.clear()
             self._denied[ip] = r

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token-0123456789"
 READY_TIMEOUT = 30.0
 
 
@@ -90,24 +91,46 @@ class Gateway:
         self.config_path = config_path
         self.workers = workers
         self.log_path = config_path.with_suffix(".log")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastgate", "run", "--config", str(config_path),
-             "--workers", str(workers), "--listen", "127.0.0.1:0", *extra_args],
+             "--workers", str(workers), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *extra_args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             cwd=str(config_path.parent),
+            env={**os.environ, "FASTGATE_ADMIN_TOKEN": ADMIN_TOKEN},
         )
         m, self.banner = _readline_with_deadline(
             self.proc, time.monotonic() + READY_TIMEOUT, r"listening on http://127\.0\.0\.1:(\d+)"
         )
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
+        admin = [re.search(r"admin API on (http://\S+)", line) for line in self.banner]
+        self.admin_url = next(a.group(1) for a in admin if a)
         wait_port(self.port)
 
-    def worker_pids(self) -> list[int]:
+    def admin(self, method: str, path: str, json=None, expect: int | None = None):
+        """Call the admin API with the test token; returns the httpx response."""
+        import httpx
+
+        r = httpx.request(method, self.admin_url + path, json=json, timeout=10,
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        if expect is not None:
+            assert r.status_code == expect, (r.status_code, r.text)
+        return r
+
+    def child_pids(self) -> list[int]:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
         return sorted(int(p) for p in out.stdout.split())
+
+    def admin_pid(self) -> int:
+        import httpx
+
+        return httpx.get(self.admin_url + "/healthz", timeout=5).json()["admin_pid"]
+
+    def worker_pids(self) -> list[int]:
+        admin = self.admin_pid()
+        return [p for p in self.child_pids() if p != admin]
 
     def log(self) -> str:
         if not self._log.closed:
@@ -123,7 +146,7 @@ class Gateway:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                for pid in self.worker_pids():
+                for pid in self.child_pids():
                     os.kill(pid, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait()

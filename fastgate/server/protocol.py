@@ -17,6 +17,7 @@ from collections import deque
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
 from ..upstream.client import FRAME_CHUNKED, FRAME_CLOSE, FRAME_LENGTH, FRAME_NONE, UpstreamConn
+from ..ipfilter import pack_ip
 from .http1 import HOP_BY_HOP, error_reply, normalise_path, status_line
 
 log = logging.getLogger("fastgate.worker")
@@ -88,6 +89,8 @@ class Exchange:
         "status",
         "done",
         "tunnel_buf",
+        "identity",
+        "resp_extra",
     )
 
     def __init__(self, conn):
@@ -104,6 +107,8 @@ class Exchange:
         self.status = 0
         self.done = False
         self.tunnel_buf = None
+        self.identity = None
+        self.resp_extra = b""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -130,6 +135,7 @@ class ClientConnection(asyncio.Protocol):
         "out",
         "discarding",
         "linger_end",
+        "peer_packed",
     )
 
     def __init__(self, worker):
@@ -157,6 +163,7 @@ class ClientConnection(asyncio.Protocol):
         self.out = None
         self.discarding = False
         self.linger_end = 0.0
+        self.peer_packed = b""
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -164,6 +171,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = peer[0]
+        self.peer_packed = pack_ip(self.peer)
         w = self.w
         self.trusted = w.is_trusted(self.peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
@@ -324,6 +332,8 @@ class ClientConnection(asyncio.Protocol):
                 elif ln == H_RID:
                     rid_in = value
                 continue
+            if ln[:11] == b"x-fastgate-":
+                continue  # identity headers are ours to set: never forwarded from a client
             fwd.append((ln, name, value))
         if host is None and version == "1.1":
             raise Reject("bad_request", "HTTP/1.1 request without a Host header")
@@ -567,6 +577,8 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"connection: close\r\n")
         elif ex.version == "1.0":
             parts.append(b"connection: keep-alive\r\n")
+        if ex.resp_extra:
+            parts.append(ex.resp_extra)
         parts += (b"x-request-id: ", ex.request_id.encode(), b"\r\n\r\n")
         self.write(b"".join(parts))
         if close:

@@ -18,6 +18,9 @@ class Route:
         "preserve_host",
         "strip_path",
         "key_query_param",
+        "ip_limits",
+        "ip_policy",
+        "ip_policy_header",
     )
 
     def __init__(self, rc: RouteConfig, upstream, default_max_body: int):
@@ -36,7 +39,10 @@ class Route:
         self.max_body = mb or (1 << 62)
         self.preserve_host = rc.preserve_host
         self.strip_path = rc.strip_path
-        self.key_query_param = rc.key_query_param
+        self.key_query_param = rc.key_query_param.encode() if rc.key_query_param else None
+        self.ip_limits = rc.ip_limits
+        self.ip_policy = None  # set by the worker, which owns the rate table
+        self.ip_policy_header = b""
 
 
 class Router:

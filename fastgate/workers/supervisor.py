@@ -39,9 +39,11 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class Slot:
-    __slots__ = ("index", "sock", "pid", "ctl", "reader", "ready", "started", "restarts", "respawn_at", "retiring")
+    __slots__ = ("index", "sock", "pid", "ctl", "reader", "ready", "started", "restarts", "respawn_at", "retiring",
+                 "kind")
 
-    def __init__(self, index: int, sock: socket.socket):
+    def __init__(self, index: int, sock: socket.socket, kind: str = "worker"):
+        self.kind = kind  # "worker" or "admin"
         self.index = index
         self.sock = sock
         self.pid = 0
@@ -76,24 +78,53 @@ class Supervisor:
         self.host, self.port = cfg.parse_hostport(config.server.listen)
         self.restarts_total = 0
         self.extras = extras or []  # (name, fn): helper processes, e.g. the demo upstream
+        self.admin: Slot | None = None
+        self.arena = None
+        self.secret = b""
+
+    def _all(self) -> list[Slot]:
+        return self.slots + [self.admin] if self.admin is not None else self.slots
+
+    def _open_keys(self) -> None:
+        """Create the shared arena and load every stored key into it, before any
+        fork: workers inherit the mapping, the admin process becomes its writer."""
+        from .. import core
+        from ..admin import keysync
+        from ..keys.store import KeyStore
+
+        kc = self.config.keys
+        self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity)
+        store = KeyStore(kc.store)
+        try:
+            self.secret = store.secret
+            table = core.KeyTable(self.arena, secret=self.secret)
+            n, secs = keysync.load_all(store, table)
+        finally:
+            store.close()
+        log.info("loaded %d keys from %s into shared memory in %.2fs (%d MiB segment)",
+                 n, kc.store, secs, self.arena.size >> 20)
 
     # -- lifecycle --------------------------------------------------------------
     def worker_count(self, config: cfg.Config) -> int:
         return config.server.workers or os.cpu_count() or 1
 
     def run(self) -> int:
+        self._open_keys()
         n = self.worker_count(self.config)
         for i in range(n):
             self._add_slot()
+        ahost, aport = cfg.parse_hostport(self.config.admin.listen)
+        self.admin = Slot(-1, bind_socket(ahost, aport, 128), kind="admin")
+        self.admin_url = f"http://{'[%s]' % ahost if ':' in ahost else ahost}:{self.admin.sock.getsockname()[1]}"
         self._install_signals()
         for name, fn in self.extras:
             self._spawn_extra(name, fn)
-        for slot in self.slots:
+        for slot in self._all():
             self._spawn(slot)
         try:
             self._loop()
         finally:
-            for slot in self.slots:
+            for slot in self._all():
                 slot.sock.close()
         return 0
 
@@ -124,7 +155,7 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         self._wake_r.close()
         self._wake_w.close()
-        for other in self.slots:
+        for other in self._all():
             if other.ctl is not None:
                 other.ctl.close()
         self.sel.close()
@@ -137,7 +168,7 @@ class Supervisor:
             code = 1
             try:
                 self._child_reset()
-                for slot in self.slots:
+                for slot in self._all():
                     slot.sock.close()
                 fn()
                 code = 0
@@ -157,10 +188,17 @@ class Supervisor:
             try:
                 parent.close()
                 self._child_reset()
-                for other in self.slots:
+                for other in self._all():
                     if other is not slot:
                         other.sock.close()
-                Worker(slot.index, self.config, slot.sock, child).run()
+                if slot.kind == "admin":
+                    from ..admin.server import run_admin
+
+                    token = os.environ.get(self.config.admin.token_env) or None
+                    run_admin(slot.sock, child, self.config, self.config_path, self.arena, self.config.keys.store,
+                              token.encode() if token else None, os.getppid())
+                else:
+                    Worker(slot.index, self.config, slot.sock, child, arena=self.arena, secret=self.secret).run()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -169,6 +207,8 @@ class Supervisor:
                 sys.stderr.flush()
                 os._exit(code)
         child.close()
+        if slot.kind == "admin":
+            self.arena.set_writer(pid)  # the single writer of the key table from now on
         parent.setblocking(False)
         slot.pid = pid
         slot.ctl = parent
@@ -205,7 +245,7 @@ class Supervisor:
             self._reap()
             now = time.monotonic()
             if self.stopping:
-                if not any(s.pid for s in self.slots) and not self.extra_children:
+                if not any(s.pid for s in self._all()) and not self.extra_children:
                     log.info("all workers exited; bye")
                     return
                 if stop_deadline is not None and now > stop_deadline:
@@ -213,13 +253,13 @@ class Supervisor:
                     self._signal_all(signal.SIGKILL)
                     stop_deadline = None
                 continue
-            for slot in self.slots:
+            for slot in self._all():
                 if slot.pid == 0 and not slot.retiring and now >= slot.respawn_at:
                     self._spawn(slot)
             self._announce()
 
     def _signal_all(self, sig: int) -> None:
-        for slot in self.slots:
+        for slot in self._all():
             if slot.pid:
                 try:
                     os.kill(slot.pid, sig)
@@ -244,7 +284,7 @@ class Supervisor:
                 if not self.stopping:
                     log.error("%s (pid %d) exited unexpectedly", name, pid)
                 continue
-            for slot in self.slots:
+            for slot in self._all():
                 if slot.pid == pid:
                     self._worker_exited(slot, status)
                     break
@@ -273,7 +313,8 @@ class Supervisor:
         # A worker that dies at once would otherwise be respawned in a hot loop.
         delay = 0.0 if lived > 2.0 else min(RESTART_BACKOFF_MAX, 0.1 * 2 ** min(slot.restarts, 6))
         slot.respawn_at = time.monotonic() + delay
-        log.error("worker %d (pid %d) %s; restarting%s", slot.index, pid, why, f" in {delay:.1f}s" if delay else "")
+        name = "admin process" if slot.kind == "admin" else f"worker {slot.index}"
+        log.error("%s (pid %d) %s; restarting%s", name, pid, why, f" in {delay:.1f}s" if delay else "")
 
     def _on_ctl(self, slot: Slot) -> None:
         try:
@@ -296,12 +337,17 @@ class Supervisor:
                 log.error("worker %d failed to apply config: %s", slot.index, payload.decode())
 
     def _announce(self) -> None:
-        if self.announced or not all(s.ready for s in self.slots if not s.retiring):
+        if self.announced or not all(s.ready for s in self._all() if not s.retiring):
             return
         self.announced = True
         host = f"[{self.host}]" if ":" in self.host else self.host
         n = sum(1 for s in self.slots if not s.retiring)
-        lines = [f"fastgate: listening on http://{host}:{self.port} with {n} workers (master pid {os.getpid()})"]
+        lines = [
+            f"fastgate: listening on http://{host}:{self.port} with {n} workers (master pid {os.getpid()})",
+            f"fastgate: admin API on {self.admin_url}"
+            + ("" if os.environ.get(self.config.admin.token_env)
+               else f" (disabled: set {self.config.admin.token_env} to enable it)"),
+        ]
         print("\n".join(lines + self.banner_extra), flush=True)
 
     # -- reload -------------------------------------------------------------------
@@ -322,7 +368,7 @@ class Supervisor:
         old_n = sum(1 for s in self.slots if not s.retiring)
         self.config = new
         payload = cfg.encode(new)
-        for slot in self.slots:
+        for slot in self._all():
             if slot.ctl is not None and not slot.retiring:
                 try:
                     send_msg(slot.ctl, b"C", payload)

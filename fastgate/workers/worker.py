@@ -16,11 +16,15 @@ import secrets
 import signal
 import socket
 import struct
+import time
+from urllib.parse import unquote_to_bytes
 
 import uvloop
 
 from .. import config as cfg
-from ..ipfilter import IpRules
+from .. import core
+from ..admin import keysync
+from ..ipfilter import IpRules, pack_ip
 from ..server.protocol import ClientConnection
 from ..server.routing import Router
 from ..upstream.client import UpstreamConn
@@ -29,6 +33,28 @@ from ..upstream.pool import build_groups
 log = logging.getLogger("fastgate.worker")
 
 _LEN = struct.Struct("!I")
+_WWW_AUTH = b'www-authenticate: Bearer realm="fastgate"\r\n'
+_CONFLICT = object()
+_KEY_MESSAGES = {
+    core.NO_SUCH_KEY: "API key not recognised",
+    core.KEY_MALFORMED: "API key is malformed or fails its checksum",
+    core.KEY_REVOKED: "API key has been revoked",
+    core.KEY_DISABLED: "API key is disabled",
+    core.KEY_EXPIRED: "API key has expired",
+    core.KEY_NOT_YET_VALID: "API key is not valid yet",
+    core.SCOPE_DENIED: "API key may not call this method on this path",
+    core.KEY_IP_DENIED: "API key may not be used from this address",
+    core.KEY_BUSY: "key table is being written; retry",
+}
+_WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400, "month": 2_592_000}
+
+
+def policy_header(limits: dict[str, int]) -> bytes:
+    """RateLimit-Policy (IETF httpapi draft): '10;w=1, 1000;w=86400'."""
+    if not limits:
+        return b""
+    items = sorted(limits.items(), key=lambda kv: _WINDOW_SECONDS[kv[0]])
+    return b"ratelimit-policy: " + ", ".join(f"{n};w={_WINDOW_SECONDS[u]}" for u, n in items).encode() + b"\r\n"
 
 
 def send_msg(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
@@ -55,8 +81,16 @@ class MessageReader:
 
 
 class Worker:
-    def __init__(self, index: int, config: cfg.Config, sock: socket.socket, ctl: socket.socket):
+    def __init__(self, index: int, config: cfg.Config, sock: socket.socket, ctl: socket.socket,
+                 arena=None, secret: bytes | None = None):
         self.index = index
+        if arena is None:  # a worker on its own (tests, tools): a private arena
+            arena = core.Arena.create(key_capacity=16, rate_capacity=1024)
+        self.keys = core.KeyTable(arena, secret=secret)
+        self.rates = core.RateTable(arena)
+        self.idcache: dict = {}
+        self.blocked: dict[str, float] = {}
+        self.method_bits = {m.encode(): core.method_bit(m.encode()) for m in cfg.HTTP_METHODS}
         self.sock = sock
         self.ctl = ctl
         self.loop = None
@@ -82,6 +116,21 @@ class Worker:
         self.s = config.server
         self.key_header = config.keys.header.encode()
         self.config = config
+        # Rate policies: one counter name for every plan, so a plan change keeps
+        # a key's counts; a key's own limits replace its plan's window by window.
+        self.plan_limits = {"": {}}
+        self.plan_policies = {"": self.rates.policy("key", [], where="keys")}
+        for name, plan in config.plans.items():
+            self.plan_limits[name] = dict((u, n) for n, u in map(cfg.parse_limit, plan.limits))
+            self.plan_policies[name] = self.rates.policy("key", plan.limits, where=f"plans.{name}.limits")
+        for route in self.router.routes:
+            if route.ip_limits:
+                route.ip_policy = self.rates.policy(f"ip:{route.name}", route.ip_limits, where=f"routes.{route.name}")
+                route.ip_policy_header = policy_header(
+                    dict((u, n) for n, u in map(cfg.parse_limit, route.ip_limits)))
+        fal = config.keys.failed_auth_limit
+        self.authfail_policy = None if fal == "off" else self.rates.policy("authfail", [fal], where="keys")
+        self.idcache = {}
         timeouts = [config.server.header_timeout, config.server.body_timeout, config.server.keepalive_timeout]
         for u in config.upstreams:
             timeouts += (u.connect_timeout, u.read_timeout, u.idle_timeout)
@@ -111,32 +160,149 @@ class Worker:
             conn.local_reply(ex, "method_not_allowed", "method not allowed on this route", route.allow_header)
             return
         ip = self.ip
-        if ip.active:
-            client = ip.client_ip(conn.peer, conn.trusted, ex.xff) if conn.trusted else conn.peer
-            if ip.denied(client):
-                conn.local_reply(ex, "ip_denied", "client address is not allowed")
-                return
-        if route.auth == "key":
-            # Issue "custom API keys" wires the key table in; until then a key
-            # route is closed: no key -> key_missing, any key -> key_invalid.
-            if self._find_key(ex) is None:
-                conn.local_reply(ex, "key_missing", "this route needs an API key", b"www-authenticate: Bearer\r\n")
-            else:
-                conn.local_reply(ex, "key_invalid", "API key not recognised", b"www-authenticate: Bearer\r\n")
+        client = ip.client_ip(conn.peer, conn.trusted, ex.xff) if conn.trusted else conn.peer
+        if ip.active and ip.denied(client):
+            conn.local_reply(ex, "ip_denied", "client address is not allowed")
             return
+        if route.auth == "key":
+            if not self._authenticate(ex, route, client):
+                return
+        elif route.ip_policy is not None:
+            packed = conn.peer_packed if client is conn.peer else pack_ip(client)
+            r = self.rates.hit(route.ip_policy, core.addr_hash(packed), time.time_ns() // 1_000_000)
+            if r < 0 and r != core.UNLIMITED:
+                self._rate_limited(ex, r, route.ip_policy_header)
+                return
+            if r != core.UNLIMITED:
+                ex.resp_extra = self._rate_headers(route.ip_policy_header)
         if ex.length is not None and ex.length > route.max_body:
             conn.local_reply(ex, "body_too_large", f"request body exceeds {route.max_body} bytes")
             return
         self.proxy(ex, route.upstream.next_target())
 
-    def _find_key(self, ex):
+    def _authenticate(self, ex, route, client: str) -> bool:
+        """Steps 5-7: key -> validity/scope/key CIDRs -> limits. False: replied."""
+        conn = ex.conn
+        if self.blocked and client in self.blocked and self.blocked[client] > self.now:
+            conn.local_reply(ex, "rate_limited", "too many failed key checks from this address", b"retry-after: 60\r\n")
+            return False
+        key = self._take_key(ex, route)
+        if key is None:
+            conn.local_reply(ex, "key_missing", "this route needs an API key", _WWW_AUTH)
+            return False
+        if key is _CONFLICT:
+            conn.local_reply(ex, "bad_request", "the request carries two different API keys")
+            return False
+        packed = conn.peer_packed if client is conn.peer else pack_ip(client)
+        now_ms = time.time_ns() // 1_000_000
+        bit = self.method_bits.get(ex.method)
+        if bit is None:
+            bit = core.method_bit(ex.method)
+        idx = self.keys.check_key(key, bit, ex.path, packed, now_ms)
+        if idx < 0:
+            code = core.ERROR_CODE.get(idx, "key_invalid")
+            if code == "key_invalid":
+                self._failed_auth(client, packed, now_ms)
+            conn.local_reply(ex, code, _KEY_MESSAGES.get(idx, "API key refused"),
+                             _WWW_AUTH if code in ("key_invalid", "key_expired") else b"")
+            return False
+        ident = self._identity(idx)
+        ex.identity = ident[0]
+        r = self.rates.hit_key(ident[1], self.keys, idx, now_ms)
+        if r == core.UNLIMITED:
+            return True
+        if r < 0:
+            self._rate_limited(ex, r, ident[2])
+            return False
+        ex.resp_extra = self._rate_headers(ident[2])
+        return True
+
+    def _take_key(self, ex, route):
+        """Find the key (configured header, Authorization: Bearer, or an opted-in
+        query parameter) and remove it from what the upstream will see."""
         kh = self.key_header
-        for ln, _, value in ex.headers:
+        found = None
+        keep = None
+        headers = ex.headers
+        for i, h in enumerate(headers):
+            ln = h[0]
             if ln == kh:
-                return value
-            if ln == b"authorization" and value[:7].lower() == b"bearer ":
-                return value[7:].strip()
-        return None
+                cand = h[2].strip()
+            elif ln == b"authorization" and h[2][:7].lower() == b"bearer ":
+                cand = h[2][7:].strip()
+            else:
+                continue
+            if found is not None and cand != found:
+                return _CONFLICT
+            found = cand
+            if keep is None:
+                keep = headers[:i]
+        if keep is not None:
+            keep += [h for h in headers[len(keep):]
+                     if h[0] != kh and not (h[0] == b"authorization" and h[2][:7].lower() == b"bearer ")]
+            ex.headers = keep
+        param = route.key_query_param
+        if param and ex.query:
+            parts = ex.query[1:].split(b"&")
+            rest = []
+            for part in parts:
+                name, _, value = part.partition(b"=")
+                if name == param:
+                    cand = unquote_to_bytes(value)
+                    if found is not None and cand != found:
+                        return _CONFLICT
+                    found = cand
+                else:
+                    rest.append(part)
+            ex.query = b"?" + b"&".join(rest) if rest else b""
+        return found
+
+    def _identity(self, idx: int):
+        """(identity header bytes, rate policy id, RateLimit-Policy value) per key,
+        cached per record generation: a plan change applies on the next request."""
+        gen = self.keys.generation(idx)
+        hit = self.idcache.get(idx)
+        if hit is not None and hit[3] == gen:
+            return hit
+        key_id, owner, plan, limits = keysync.decode_meta(self.keys.meta(idx))
+        hdr = b"x-fastgate-key-id: %s\r\n" % key_id.encode()
+        if plan:
+            hdr += b"x-fastgate-plan: %s\r\n" % plan.encode()
+        if owner:
+            hdr += b"x-fastgate-owner: %s\r\n" % owner.encode("utf-8", "replace")
+        policy = self.plan_policies.get(plan) or self.plan_policies[""]
+        merged = dict(self.plan_limits.get(plan, {}))
+        for lim in limits:
+            n, unit = cfg.parse_limit(lim)
+            merged[unit] = n
+        entry = (hdr, policy, policy_header(merged), gen)
+        if len(self.idcache) > 100_000:
+            self.idcache.clear()
+        self.idcache[idx] = entry
+        return entry
+
+    def _failed_auth(self, client: str, packed: bytes, now_ms: int) -> None:
+        if self.authfail_policy is None:
+            return
+        if self.rates.hit(self.authfail_policy, core.addr_hash(packed), now_ms) == core.RATE_LIMITED:
+            if len(self.blocked) > 100_000:
+                self.blocked.clear()
+            self.blocked[client] = self.now + max(1.0, self.rates.retry_after_ms / 1000)
+
+    def _rate_headers(self, policy: bytes) -> bytes:
+        rt = self.rates
+        reset = -(-rt.reset_ms // 1000)
+        return b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n%s" \
+               b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: %d\r\nx-ratelimit-reset: %d\r\n" % (
+                   rt.limit, rt.remaining, reset, policy, rt.limit, rt.remaining, reset)
+
+    def _rate_limited(self, ex, r: int, policy: bytes) -> None:
+        if r == core.RATE_TABLE_FULL:
+            ex.conn.local_reply(ex, "rate_limited", "rate-limit table is full; try again later", b"retry-after: 1\r\n")
+            return
+        retry = max(1, -(-self.rates.retry_after_ms // 1000))
+        ex.conn.local_reply(ex, "rate_limited", "rate limit exceeded",
+                            b"retry-after: %d\r\n" % retry + self._rate_headers(policy))
 
     def build_head(self, ex, target) -> bytes:
         route = ex.route
@@ -160,6 +326,8 @@ class Worker:
         ]
         for _, name, value in ex.headers:
             parts += (name, b": ", value, b"\r\n")
+        if ex.identity:
+            parts.append(ex.identity)
         parts += (
             b"x-forwarded-for: ",
             xff,

@@ -1,0 +1,80 @@
+"""Store records -> shared-memory key table. Used by the master at start
+(load everything) and by the admin process after each write."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+from .. import core
+from .schemas import parse_rfc3339
+
+log = logging.getLogger("fastgate.keys")
+
+_meta_enc = msgspec.msgpack.Encoder()
+_meta_dec = msgspec.msgpack.Decoder(tuple[str, str, str, list[str]])
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def meta_bytes(rec) -> bytes:
+    """What workers need per key beyond the record: identity headers and the
+    limits to describe in RateLimit-Policy."""
+    return _meta_enc.encode((rec.id, rec.owner or "", rec.plan or "", list(rec.limits or ())))
+
+
+def decode_meta(blob: bytes) -> tuple[str, str, str, list[str]]:
+    return _meta_dec.decode(blob)
+
+
+def expires_ms(rec) -> int:
+    return int(parse_rfc3339(rec.expires_at).timestamp() * 1000) if rec.expires_at else 0
+
+
+def apply(table, rec, now: int | None = None) -> None:
+    """Write one record into its slot (writer process only)."""
+    now = now_ms() if now is None else now
+    grace = rec.grace_until_ms if rec.prev_digest and rec.grace_until_ms and rec.grace_until_ms > now else 0
+    table.put(
+        rec.slot,
+        rec.digest,
+        flags=core.FLAG_REVOKED if rec.revoked_at else 0,
+        expires_ms=expires_ms(rec),
+        scopes=rec.scopes or None,
+        allow_cidrs=rec.allow_cidrs or None,
+        deny_cidrs=rec.deny_cidrs or None,
+        limits=rec.limits or None,
+        meta=meta_bytes(rec),
+        where=f"keys[{rec.id}]",
+        prev_digest=rec.prev_digest if grace else None,
+        grace_until_ms=grace,
+    )
+
+
+def load_all(store, table) -> tuple[int, float]:
+    """Load every stored key into the table; keys without a usable slot (new
+    capacity, duplicates) get a fresh one, recorded in the store."""
+    t0 = time.perf_counter()
+    now = now_ms()
+    cap = table.capacity
+    used: set[int] = set()
+    later = []
+    n = 0
+    for rec in store.iter_all():
+        slot = rec.slot
+        if slot is None or slot < 0 or slot >= cap or slot in used:
+            later.append(rec)
+            continue
+        used.add(slot)
+        apply(table, rec, now)
+        n += 1
+    for rec in later:
+        rec.slot = table.allocate()
+        store.set_slot(rec.id, rec.slot)
+        apply(table, rec, now)
+        n += 1
+    return n, time.perf_counter() - t0
