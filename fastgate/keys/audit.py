@@ -48,6 +48,13 @@ from typing import Any, TextIO
 
 import msgspec
 
+try:
+    from json.encoder import c_encode_basestring as _enc_str  # what json.dumps uses (ensure_ascii=False)
+except ImportError:  # pragma: no cover - pure-Python json
+    from json.encoder import py_encode_basestring as _enc_str  # type: ignore[assignment]
+if _enc_str is None:  # pragma: no cover
+    from json.encoder import py_encode_basestring as _enc_str  # type: ignore[assignment]
+
 ZERO_HASH = "0" * 64
 EVENTS = ("created", "updated", "rotated", "revoked", "expired", "deleted")
 MAX_PROBLEMS = 100  # problems listed in detail; the rest are counted
@@ -64,13 +71,33 @@ class AuditEvent(msgspec.Struct, frozen=True):
     hash: str
 
 
+_encode_changes = msgspec.json.Encoder(order="sorted").encode
+_sha256 = hashlib.sha256
+
+
 def canonical_changes(changes: dict[str, Any]) -> str:
-    """The stored JSON text of ``changes``: sorted keys, compact, UTF-8 (no ASCII escaping)."""
-    return json.dumps(changes, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The stored JSON text of ``changes``: sorted keys (nested too), compact, UTF-8 without
+    ASCII escaping, i.e. ``json.dumps(changes, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` for the values the store writes (strings, ints, lists, objects, null)."""
+    return _encode_changes(changes).decode()
 
 
 def chain_hash(prev_hash: str, seq: int, ts: str, actor: str, event: str, key_id: str, changes: str) -> str:
-    """``changes`` is the stored JSON text; see the module docstring for the exact formula."""
+    """``changes`` is the stored JSON text; see the module docstring for the exact formula.
+
+    The body is built by hand from json's own string encoder, byte for byte what
+    ``json.dumps([seq, ts, actor, event, key_id, changes], separators=(",", ":"),
+    ensure_ascii=False)`` returns (tests check the two agree), at a fraction of the cost."""
+    if type(seq) is not int:  # noqa: E721  (bool and int subclasses would print differently)
+        raise TypeError(f"seq must be an int, found {type(seq).__name__}")
+    body = (f"[{seq},{_enc_str(ts)},{_enc_str(actor)},{_enc_str(event)},{_enc_str(key_id)},"
+            f"{_enc_str(changes)}]")
+    return _sha256(prev_hash.encode("ascii") + body.encode("utf-8")).hexdigest()
+
+
+def _chain_hash_reference(prev_hash: str, seq: int, ts: str, actor: str, event: str, key_id: str,
+                          changes: str) -> str:
+    """The documented formula, spelled with json.dumps (used by the tests as the oracle)."""
     body = json.dumps([seq, ts, actor, event, key_id, changes], separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(prev_hash.encode("ascii") + body.encode("utf-8")).hexdigest()
 

@@ -324,6 +324,7 @@ class KeyStore:
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
             self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB page cache: 1M-key imports stay in memory
             self._migrate()
             self._secret = self._load_secret()
         except sqlite3.Error as exc:

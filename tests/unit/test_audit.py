@@ -10,6 +10,8 @@ import os
 import sqlite3
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastgate import core
 from fastgate.keys import KeyRecord, KeyStore, verify_store
@@ -245,3 +247,20 @@ def test_empty_store_verifies(tmp_path):
     KeyStore(path).close()
     assert verify(path) == (True, [], 0)
     assert verify_store(path, out=io.StringIO()) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(min_value=0, max_value=2**63), parts=st.lists(st.text(), min_size=5, max_size=5))
+def test_fast_chain_hash_matches_documented_formula(seq, parts):
+    from fastgate.keys.audit import _chain_hash_reference, chain_hash
+    assert chain_hash(ZERO_HASH, seq, *parts) == _chain_hash_reference(ZERO_HASH, seq, *parts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(changes=st.dictionaries(st.text(), st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**63 - 1) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3), max_leaves=8)))
+def test_canonical_changes_is_sorted_compact_json(changes):
+    from fastgate.keys.audit import canonical_changes
+    assert canonical_changes(changes) == json.dumps(changes, sort_keys=True, separators=(",", ":"),
+                                                    ensure_ascii=False)
