@@ -270,7 +270,9 @@ class Worker:
             hdr += b"x-fastgate-plan: %s\r\n" % plan.encode()
         if owner:
             hdr += b"x-fastgate-owner: %s\r\n" % owner.encode("utf-8", "replace")
-        policy = self.plan_policies.get(plan) or self.plan_policies[""]
+        policy = self.plan_policies.get(plan)
+        if policy is None:  # no plan, or one a reload removed: the key's own limits only
+            policy = self.plan_policies[""]
         merged = dict(self.plan_limits.get(plan, {}))
         for lim in limits:
             n, unit = cfg.parse_limit(lim)
