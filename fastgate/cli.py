@@ -10,6 +10,7 @@ import socket
 import sys
 
 from . import __version__
+from . import cli_keys
 from . import config as cfg
 from .errors import ConfigError
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check-config", help="validate a config file and report every problem (exit 2 if any)")
     chk.add_argument("file")
+
+    cli_keys.register(sub)  # keys create|list|show|update|rotate|revoke|delete, audit list|verify
     return p
 
 
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_config(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command in ("keys", "audit"):
+        return cli_keys.run(args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 
