@@ -120,6 +120,9 @@ class KeysConfig(Base):
     header: str = "x-api-key"  # Authorization: Bearer is always accepted too
     capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1_000_000  # keys in shared memory
     rate_capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1 << 18  # rate-limit subjects (keys, addresses)
+    # Shared space for keys' scopes, CIDRs, limits and identity (default: 64 bytes
+    # per key of capacity); raise it for many keys with long scope/CIDR lists.
+    ext_bytes: Size | None = None
     # Brute-force protection: failed key checks allowed per client address; "off" disables.
     failed_auth_limit: str = "30/minute"
 
@@ -130,6 +133,11 @@ class KeysConfig(Base):
         self.header = self.header.lower()
         if self.failed_auth_limit != "off":
             _check(problems, "failed_auth_limit", parse_limit, self.failed_auth_limit)
+        if self.ext_bytes is not None:
+            try:
+                self.ext_bytes = parse_size(self.ext_bytes)
+            except ValueError as exc:
+                problems.append(f"ext_bytes: {exc}")
         _raise_all(problems)
 
 

@@ -105,8 +105,12 @@ class Gateway:
         )
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
-        admin = [re.search(r"admin API on (http://\S+)", line) for line in self.banner]
-        self.admin_url = next(a.group(1) for a in admin if a)
+        found = [m for line in self.banner if (m := re.search(r"admin API on (http://\S+)", line))]
+        if not found:  # printed with the same write, but be robust to a split read
+            m, more = _readline_with_deadline(self.proc, time.monotonic() + 10, r"admin API on (http://\S+)")
+            self.banner += more
+            found = [m]
+        self.admin_url = found[0].group(1)
         wait_port(self.port)
 
     def admin(self, method: str, path: str, json=None, expect: int | None = None):

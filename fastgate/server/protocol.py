@@ -17,6 +17,7 @@ from collections import deque
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
 from ..upstream.client import FRAME_CHUNKED, FRAME_CLOSE, FRAME_LENGTH, FRAME_NONE, UpstreamConn
+from ..errors import ERROR_STATUS
 from ..ipfilter import pack_ip
 from .http1 import HOP_BY_HOP, error_reply, normalise_path, status_line
 
@@ -91,6 +92,14 @@ class Exchange:
         "tunnel_buf",
         "identity",
         "resp_extra",
+        "t0",
+        "t_head",
+        "bytes_out",
+        "decision",
+        "error",
+        "key",
+        "client",
+        "target",
     )
 
     def __init__(self, conn):
@@ -109,6 +118,14 @@ class Exchange:
         self.tunnel_buf = None
         self.identity = None
         self.resp_extra = b""
+        self.t0 = conn.w.now_precise()
+        self.t_head = 0.0
+        self.bytes_out = 0
+        self.decision = None  # the stage that answered locally, for the log
+        self.error = None
+        self.key = None  # (key_id, owner, plan) once a key is accepted
+        self.client = None
+        self.target = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -440,8 +457,11 @@ class ClientConnection(asyncio.Protocol):
         broken = self.parsing
         self.parsing = None
         if ex is None:
-            self.write(error_reply(code, message, self.w.next_request_id(), close=True))
-            self.w.count_status(code)
+            rid = self.w.next_request_id()
+            self.write(error_reply(code, message, rid, close=True))
+            self.w.count_status(ERROR_STATUS[code])
+            if self.w.access is not None:
+                self.w.log_refused(self, rid, code)
             self.close(linger=True)
         elif broken is ex:
             # The active request's own body is malformed or too slow.
@@ -503,11 +523,11 @@ class ClientConnection(asyncio.Protocol):
         """Answer an exchange ourselves (a denial or an upstream failure)."""
         close = not ex.keep_alive or not ex.body_done or self.w.draining or ex.upgrade is not None
         ex.resp_started = True
-        ex.status = code
+        ex.status = ERROR_STATUS[code]
+        ex.error = code
         self.write(
             error_reply(code, message, ex.request_id, close=close, extra=extra, head_only=ex.method == b"HEAD")
         )
-        self.w.count_status(code)
         self.finish(ex, close)
 
     def body_too_large(self, ex: Exchange) -> None:
@@ -552,6 +572,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.status = status
         ex.resp_started = True
+        ex.t_head = self.w.loop.time()
         head_only = ex.method == b"HEAD" or status == 204 or status == 304 or status == 101
         close = not ex.keep_alive or self.w.draining or (ex.upgrade is not None and status != 101)
         if status == 101:
@@ -593,6 +614,7 @@ class ClientConnection(asyncio.Protocol):
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if ex is not self.active or self.closed:
             return
+        ex.bytes_out += len(body)
         if ex.resp_frame == FRAME_CHUNKED:
             self.write(b"%x\r\n" % len(body))
             self.write(body)
@@ -616,18 +638,21 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.resp_frame == FRAME_CHUNKED:
             self.write(b"0\r\n\r\n")
-        self.w.count_status(ex.status)
         self.finish(ex, not ex.keep_alive or not ex.body_done or ex.resp_frame == FRAME_CLOSE)
 
     def finish(self, ex: Exchange, close: bool) -> None:
         ex.done = True
         self.active = None
+        w = self.w
+        w.count_status(ex.status)
+        if w.access is not None:
+            w.log_exchange(ex)
         q = self.queue
         if close or (self.w.draining or self.pending_reject) and not q:
             if self.pending_reject is not None and not close:
                 code, message = self.pending_reject
                 self.write(error_reply(code, message, self.w.next_request_id(), close=True))
-                self.w.count_status(code)
+                self.w.count_status(ERROR_STATUS[code])
             self.close(linger=self.pending_reject is not None or not ex.body_done or self.parsing is not None)
             return
         if q:

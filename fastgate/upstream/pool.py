@@ -10,10 +10,11 @@ from ..config import UpstreamConfig, parse_hostport
 class Target:
     """One host:port with its idle keep-alive connections (LIFO: warmest first)."""
 
-    __slots__ = ("host", "port", "host_header", "idle", "max_idle", "idle_timeout", "connect_timeout", "read_timeout")
+    __slots__ = ("name", "host", "port", "host_header", "idle", "max_idle", "idle_timeout", "connect_timeout", "read_timeout")
 
     def __init__(self, addr: str, uc: UpstreamConfig):
         self.host, self.port = parse_hostport(addr)
+        self.name = addr
         self.host_header = addr.encode()
         self.idle: deque = deque()
         self.apply(uc)

@@ -93,7 +93,7 @@ class Supervisor:
         from ..keys.store import KeyStore
 
         kc = self.config.keys
-        self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity)
+        self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity, ext_bytes=kc.ext_bytes)
         store = KeyStore(kc.store)
         try:
             self.secret = store.secret
@@ -242,6 +242,14 @@ class Supervisor:
                         self._signal_all(signal.SIGTERM)
                 elif signum == signal.SIGHUP:
                     self.reload()
+                elif signum == signal.SIGUSR1:
+                    # logrotate habit: reopen log files, in every worker.
+                    for slot in self.slots:
+                        if slot.pid:
+                            try:
+                                os.kill(slot.pid, signal.SIGUSR1)
+                            except ProcessLookupError:
+                                pass
             self._reap()
             now = time.monotonic()
             if self.stopping:

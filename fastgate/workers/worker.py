@@ -24,6 +24,8 @@ import uvloop
 from .. import config as cfg
 from .. import core
 from ..admin import keysync
+from ..accesslog import STAGE_OF, AccessLog, AccessRecord
+from ..errors import ERROR_STATUS
 from ..ipfilter import IpRules, pack_ip
 from ..server.protocol import ClientConnection
 from ..server.routing import Router
@@ -103,6 +105,7 @@ class Worker:
         self._rid_prefix = ""
         self._rid = 0
         self.status_counts: dict = {}
+        self.access = None
         self.apply(config)
 
     # -- config ---------------------------------------------------------------
@@ -115,6 +118,11 @@ class Worker:
         self.ip = IpRules(config.ip)
         self.s = config.server
         self.key_header = config.keys.header.encode()
+        old_log = self.config.log.access if getattr(self, "config", None) else None
+        if config.log.access != old_log:
+            if self.access is not None:
+                self.access.close()
+            self.access = None if config.log.access == "off" else AccessLog(config.log.access)
         self.config = config
         # Rate policies: one counter name for every plan, so a plan change keeps
         # a key's counts; a key's own limits replace its plan's window by window.
@@ -135,6 +143,44 @@ class Worker:
         for u in config.upstreams:
             timeouts += (u.connect_timeout, u.read_timeout, u.idle_timeout)
         self.tick = min(0.5, max(0.02, min(timeouts) / 10))
+
+    def now_precise(self) -> float:
+        loop = self.loop
+        return loop.time() if loop is not None else 0.0
+
+    def log_exchange(self, ex) -> None:
+        """Step 9: the access-log line (only called when the log is on)."""
+        now = self.loop.time()
+        up = ex.t_head - ex.t0 if ex.t_head and ex.error is None else None
+        route = ex.route
+        key = ex.key
+        target = ex.target
+        self.access.record(AccessRecord(
+            time=self.access.stamp(),
+            request_id=ex.request_id,
+            client_ip=ex.client or ex.conn.peer,
+            method=ex.method.decode("latin-1"),
+            path=ex.path.decode("latin-1"),
+            status=ex.status,
+            bytes_in=ex.body_seen,
+            bytes_out=ex.bytes_out,
+            total_ms=round((now - ex.t0) * 1000, 3),
+            route=route.name if route is not None else None,
+            key_id=key[0] if key else None,
+            owner=key[1] or None if key else None,
+            plan=key[2] or None if key else None,
+            upstream=target.name if target is not None else None,
+            upstream_ms=round(up * 1000, 3) if up is not None else None,
+            decision=STAGE_OF.get(ex.error) if ex.error else None,
+            error=ex.error,
+        ))
+
+    def log_refused(self, conn, request_id: str, code: str) -> None:
+        """A request refused before it became an exchange (malformed head)."""
+        self.access.record(AccessRecord(
+            time=self.access.stamp(), request_id=request_id, client_ip=conn.peer, method="-", path="-",
+            status=ERROR_STATUS[code], bytes_in=0, bytes_out=0, total_ms=0.0, decision="parse", error=code,
+        ))
 
     def is_trusted(self, peer: str) -> bool:
         return self.ip.is_trusted(peer)
@@ -161,6 +207,7 @@ class Worker:
             return
         ip = self.ip
         client = ip.client_ip(conn.peer, conn.trusted, ex.xff) if conn.trusted else conn.peer
+        ex.client = client
         if ip.active and ip.denied(client):
             conn.local_reply(ex, "ip_denied", "client address is not allowed")
             return
@@ -208,6 +255,7 @@ class Worker:
             return False
         ident = self._identity(idx)
         ex.identity = ident[0]
+        ex.key = ident[4]
         r = self.rates.hit_key(ident[1], self.keys, idx, now_ms)
         if r == core.UNLIMITED:
             return True
@@ -277,7 +325,7 @@ class Worker:
         for lim in limits:
             n, unit = cfg.parse_limit(lim)
             merged[unit] = n
-        entry = (hdr, policy, policy_header(merged), gen)
+        entry = (hdr, policy, policy_header(merged), gen, (key_id, owner, plan))
         if len(self.idcache) > 100_000:
             self.idcache.clear()
         self.idcache[idx] = entry
@@ -349,6 +397,7 @@ class Worker:
         return b"".join(parts)
 
     def proxy(self, ex, target) -> None:
+        ex.target = target
         up = target.get() if ex.upgrade is None else None
         if up is not None:
             ex.conn.send_upstream(ex, up, self.build_head(ex, target))
@@ -403,6 +452,8 @@ class Worker:
                 fut.cancel()
         for t in self.targets.values():
             t.expire(now)
+        if self.access is not None:
+            self.access.flush()
         if self.draining and not self.conns:
             loop.stop()
             return
@@ -430,6 +481,10 @@ class Worker:
                     log.exception("worker %d could not apply config", self.index)
                     send_msg(self.ctl, b"E", str(exc).encode())
 
+    def _reopen_log(self) -> None:
+        if self.access is not None:
+            self.access.reopen()
+
     def drain(self) -> None:
         if self.draining:
             return
@@ -456,7 +511,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_log)
         self.ctl.setblocking(False)
         loop.add_reader(self.ctl.fileno(), self._on_ctl)
         self.server = loop.run_until_complete(
@@ -475,6 +530,8 @@ class Worker:
         try:
             loop.run_forever()
         finally:
+            if self.access is not None:
+                self.access.close()
             if profile_dir:
                 prof.disable()
                 prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))

@@ -1,0 +1,145 @@
+"""HOT PATH. The access log: one JSON line per request, buffered per worker.
+
+Lines are encoded into one reused buffer with a reused msgspec Encoder and
+written with a single os.write when the buffer passes FLUSH_BYTES or on the
+worker's timer tick, so a request never waits for the disk. A failed write
+(full disk, file removed, EBADF) is reported once, counted, and the buffered
+lines are dropped: the log never takes a worker down. SIGUSR1 reopens the file
+(logrotate's habit: move the file, then signal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import msgspec
+
+log = logging.getLogger("fastgate.accesslog")
+
+FLUSH_BYTES = 64 * 1024
+# Which pipeline stage answered, from the error code of a local reply.
+STAGE_OF = {
+    "bad_request": "parse",
+    "headers_too_large": "parse",
+    "uri_too_long": "parse",
+    "http_version_not_supported": "parse",
+    "request_timeout": "parse",
+    "body_too_large": "limits",
+    "no_route": "route",
+    "method_not_allowed": "route",
+    "ip_denied": "ip",
+    "key_missing": "key",
+    "key_invalid": "key",
+    "key_expired": "key",
+    "scope_denied": "scope",
+    "rate_limited": "rate",
+    "upstream_unavailable": "upstream",
+    "upstream_timeout": "upstream",
+    "internal_error": "internal",
+}
+
+
+class AccessRecord(msgspec.Struct, gc=False, omit_defaults=True):
+    """One line. Never holds a key: key_id is the public id."""
+
+    time: str
+    request_id: str
+    client_ip: str
+    method: str
+    path: str
+    status: int
+    bytes_in: int
+    bytes_out: int
+    total_ms: float
+    route: str | None = None
+    key_id: str | None = None
+    owner: str | None = None
+    plan: str | None = None
+    upstream: str | None = None
+    upstream_ms: float | None = None
+    decision: str | None = None  # the stage that refused the request, if one did
+    error: str | None = None
+
+
+class AccessLog:
+    __slots__ = ("target", "fd", "buf", "enc", "failed", "dropped", "lines", "_sec", "_stamp")
+
+    def __init__(self, target: str):
+        self.target = target
+        self.fd = -1
+        self.buf = bytearray()
+        self.enc = msgspec.json.Encoder()
+        self.failed = False
+        self.dropped = 0
+        self.lines = 0
+        self._sec = -1
+        self._stamp = ""
+        self.open()
+
+    def open(self) -> None:
+        if self.target == "stdout":
+            self.fd = 1
+            return
+        try:
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        old, self.fd = self.fd, fd
+        if old > 2:
+            os.close(old)
+        self.failed = False
+
+    def reopen(self) -> None:
+        """SIGUSR1: flush what we hold to the old file, then open the path anew."""
+        self.flush()
+        self.open()
+
+    def _now(self, wall: float) -> str:
+        sec = int(wall)
+        if sec != self._sec:  # one strftime per second, not per line
+            self._sec = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._stamp}.{int((wall - sec) * 1000):03d}Z"
+
+    def record(self, rec: AccessRecord) -> None:
+        self.enc.encode_into(rec, self.buf, -1)
+        self.buf += b"\n"
+        self.lines += 1
+        if len(self.buf) >= FLUSH_BYTES:
+            self.flush()
+
+    def stamp(self) -> str:
+        return self._now(time.time())
+
+    def flush(self) -> None:
+        buf = self.buf
+        if not buf:
+            return
+        if self.fd < 0:
+            self.dropped += buf.count(b"\n")
+            buf.clear()
+            return
+        data = bytes(buf)
+        buf.clear()
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except OSError as exc:
+            self.dropped += data.count(b"\n") or 1
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        if not self.failed:  # report once until a write succeeds again after reopen
+            self.failed = True
+            log.error("access log %s: %s; dropping lines until it can be written (SIGUSR1 reopens)",
+                      self.target, exc.strerror or exc)
+
+    def close(self) -> None:
+        self.flush()
+        if self.fd > 2:
+            os.close(self.fd)
+        self.fd = -1
