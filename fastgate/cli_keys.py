@@ -160,6 +160,9 @@ def _url_from_listen(listen: str) -> str:
         host, port = parse_hostport(listen, default_host="127.0.0.1")
     except ValueError as exc:
         raise UsageError(f"admin listen address: {exc}") from None
+    if port == 0:
+        raise UsageError(f"the config's admin listen {listen!r} picks any free port: pass --admin URL "
+                         "(the `fastgate run` banner prints it as 'admin API on ...')")
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
