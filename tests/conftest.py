@@ -39,7 +39,10 @@ def _readline_with_deadline(proc, deadline, pattern):
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     seen = []
-    buf = b""
+    # A partial last line stays with the process for the next call: a line
+    # may arrive in two reads (print writes the text and the newline apart).
+    buf = getattr(proc, "_partial", b"")
+    proc._partial = b""
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None and not sel.select(0):
@@ -58,6 +61,7 @@ def _readline_with_deadline(proc, deadline, pattern):
                 if found is None:
                     found = re.search(pattern, text)
             if found:
+                proc._partial = buf
                 return found, seen
     finally:
         sel.close()
@@ -100,9 +104,23 @@ class Gateway:
             cwd=str(config_path.parent),
             env={**os.environ, "FASTGATE_ADMIN_TOKEN": ADMIN_TOKEN},
         )
-        m, self.banner = _readline_with_deadline(
-            self.proc, time.monotonic() + READY_TIMEOUT, r"listening on http://127\.0\.0\.1:(\d+)"
-        )
+        try:
+            m, self.banner = _readline_with_deadline(
+                self.proc, time.monotonic() + READY_TIMEOUT, r"listening on http://127\.0\.0\.1:(\d+)"
+            )
+        except BaseException:
+            # Never leave a half-started gateway (and its workers) behind.
+            kids = self.child_pids()
+            self.proc.kill()
+            for pid in kids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+            self.proc.stdout.close()
+            self._log.close()
+            raise
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         found = [m for line in self.banner if (m := re.search(r"admin API on (http://\S+)", line))]

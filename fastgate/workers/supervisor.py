@@ -356,7 +356,9 @@ class Supervisor:
             + ("" if os.environ.get(self.config.admin.token_env)
                else f" (disabled: set {self.config.admin.token_env} to enable it)"),
         ]
-        print("\n".join(lines + self.banner_extra), flush=True)
+        # One write, so a reader never sees half a banner.
+        sys.stdout.write("\n".join(lines + self.banner_extra) + "\n")
+        sys.stdout.flush()
 
     # -- reload -------------------------------------------------------------------
     def reload(self) -> bool:
