@@ -403,15 +403,9 @@ def _store_path(args) -> str:
     if args.store:
         return args.store
     if args.config:
-        store = _load_config(args.config).keys.store
-        if os.path.isabs(store):
-            return store
-        # `fastgate run` opens a relative store from its working directory; prefer that,
-        # then fall back to the config file's directory (where operators usually run it).
-        if os.path.exists(store):
-            return store
-        beside = os.path.join(os.path.dirname(os.path.abspath(args.config)), store)
-        return beside if os.path.exists(beside) else store
+        # load_config resolves a relative store against the config's folder,
+        # exactly as `fastgate run` does.
+        return _load_config(args.config).keys.store
     return os.path.join(os.environ.get("FASTGATE_DATA", "fastgate-data"), "keys.db")
 
 

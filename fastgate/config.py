@@ -398,7 +398,16 @@ def read_document(path: str) -> Any:
 
 
 def load_config(path: str) -> Config:
-    return build_config(read_document(path), path)
+    """Relative file paths in the config (key store, access log) are taken
+    relative to the config file's folder, like nginx's include paths, so the
+    gateway behaves the same whatever directory it is started from."""
+    config = build_config(read_document(path), path)
+    base = os.path.dirname(os.path.abspath(path))
+    if not os.path.isabs(config.keys.store):
+        config.keys.store = os.path.join(base, config.keys.store)
+    if config.log.access not in ("off", "stdout") and not os.path.isabs(config.log.access):
+        config.log.access = os.path.join(base, config.log.access)
+    return config
 
 
 def default_config(data_dir: str, demo_port: int) -> Config:

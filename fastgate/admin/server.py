@@ -10,7 +10,6 @@ every worker already refuses it.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import hmac
 import logging
 import os
@@ -89,18 +88,11 @@ class AdminApp:
         self.master_pid = master_pid
         self.draining = False
         self._rid = 0
-        self._expiry: list[tuple[int, str]] = []
-        for rec in store.iter_all():
-            self._watch_expiry(rec)
 
     # -- helpers ---------------------------------------------------------------
     def next_rid(self) -> str:
         self._rid += 1
         return f"admin-{os.getpid():x}-{self._rid:x}"
-
-    def _watch_expiry(self, rec) -> None:
-        if rec.expires_at and not rec.revoked_at:
-            heapq.heappush(self._expiry, (keysync.expires_ms(rec), rec.id))
 
     def out(self, rec, cls=KeyOut, **extra):
         data = rec.public()
@@ -148,7 +140,6 @@ class AdminApp:
         )
         rec = self.store.create(rec, actor)
         keysync.apply(self.keys, rec)
-        self._watch_expiry(rec)
         return 201, self.out(rec, KeyCreated, key=key)
 
     def update(self, key_id: str, body: bytes, actor: str):
@@ -166,7 +157,6 @@ class AdminApp:
             return 200, self.out(rec)
         rec = self.store.update(key_id, changes, actor)
         keysync.apply(self.keys, rec)
-        self._watch_expiry(rec)
         return 200, self.out(rec)
 
     def rotate(self, key_id: str, body: bytes, actor: str):
@@ -205,8 +195,9 @@ class AdminApp:
             limit = min(1000, max(1, int(query.get("limit", "100"))))
         except ValueError:
             raise ApiError(400, "bad_request", "limit: expected a whole number 1..1000") from None
-        recs = self.store.list(owner=owner, limit=limit, after=query.get("after"))
-        nxt = recs[-1].id if len(recs) == limit else None
+        recs = self.store.list(owner=owner, limit=limit + 1, after=query.get("after"))
+        nxt = recs[limit - 1].id if len(recs) > limit else None
+        recs = recs[:limit]
         return 200, KeyList(keys=[self.out(r) for r in recs], next_after=nxt)
 
     def audit(self, query: dict):
@@ -229,12 +220,12 @@ class AdminApp:
         return 202, {"status": "reload requested", "config": self.config_path}
 
     def sweep(self) -> None:
-        """Record expiries in the audit trail (once) and drop ended rotation graces."""
+        """Record expiries in the audit trail (once) and drop ended rotation graces.
+        Driven by the store (not by memory), so a failed write is retried next tick."""
         now = keysync.now_ms()
-        while self._expiry and self._expiry[0][0] <= now:
-            _, key_id = heapq.heappop(self._expiry)
+        for key_id in self.store.due_expired():
             rec = self.store.get(key_id)
-            if rec is not None and rec.expires_at and keysync.expires_ms(rec) <= now and not rec.revoked_at:
+            if rec is not None and not rec.revoked_at:
                 self.store.mark_expired(key_id)
         self.keys.sweep(now)
 
