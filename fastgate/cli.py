@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check-config", help="validate a config file and report every problem (exit 2 if any)")
     chk.add_argument("file")
 
-    cli_keys.register(sub)  # keys create|list|show|update|rotate|revoke|delete, audit list|verify
+    cli_keys.register(sub)  # keys ..., usage, audit list|verify
     return p
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_config(args)
     if args.command == "run":
         return cmd_run(args)
-    if args.command in ("keys", "audit"):
+    if args.command in ("keys", "audit", "usage"):
         return cli_keys.run(args)
     return 2  # pragma: no cover - argparse enforces the choices
 

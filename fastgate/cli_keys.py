@@ -399,6 +399,40 @@ def cmd_audit_list(args) -> int:
     return 0
 
 
+def cmd_usage(args) -> int:
+    client = make_client(args)
+    if args.top is not None:
+        data = client.call("GET", "/usage/top", query={"n": args.top, "by": args.by or "day"})
+        if args.json:
+            _emit_json(data)
+            return 0
+        rows = data.get("top", [])
+        if not rows:
+            print(f"no usage recorded this {data.get('by', 'day')}")
+            return 0
+        print_table(["KEY", "REQUESTS", "2XX", "4XX", "5XX", "BYTES IN", "BYTES OUT", "SINCE"],
+                    [[r["key_id"], str(r["requests"]), str(r["2xx"]), str(r["4xx"]), str(r["5xx"]),
+                      str(r["bytes_in"]), str(r["bytes_out"]), r["since"]] for r in rows])
+        return 0
+    if not args.key:
+        raise UsageError("usage needs --key ID or --top N")
+    data = client.call("GET", f"/keys/{args.key}/usage", query={"by": args.by or "hour", "limit": args.limit})
+    if args.json:
+        _emit_json(data)
+        return 0
+    rows = data.get("rows", [])
+    if not rows:
+        print(f"no usage recorded for {args.key}")
+        return 0
+    print_table(["TIME", "REQUESTS", "1XX", "2XX", "3XX", "4XX", "5XX", "BYTES IN", "BYTES OUT"],
+                [[r["ts"], str(r["requests"]), str(r["1xx"]), str(r["2xx"]), str(r["3xx"]), str(r["4xx"]),
+                  str(r["5xx"]), str(r["bytes_in"]), str(r["bytes_out"])] for r in rows])
+    t = data["totals"]
+    print(f"total: {t['requests']} requests ({t['2xx']} 2xx, {t['4xx']} 4xx, {t['5xx']} 5xx), "
+          f"{t['bytes_in']} bytes in, {t['bytes_out']} bytes out")
+    return 0
+
+
 def _store_path(args) -> str:
     if args.store:
         return args.store
@@ -493,6 +527,13 @@ def register(subparsers) -> None:
     p = ks.add_parser("delete", parents=[common], help="delete a key record (the audit trail keeps its history)")
     p.add_argument("id")
     p.set_defaults(func=cmd_delete)
+
+    p = subparsers.add_parser("usage", parents=[common], help="per-key usage rollups (via the admin API)")
+    p.add_argument("--key", metavar="ID", help="one key's usage over time")
+    p.add_argument("--top", type=int, metavar="N", help="the N biggest consumers")
+    p.add_argument("--by", choices=["minute", "hour", "day"], help="bucket size (default: hour; --top: day)")
+    p.add_argument("--limit", type=int, metavar="N", help="how many buckets (default 48)")
+    p.set_defaults(func=cmd_usage)
 
     audit = subparsers.add_parser("audit", help="read and verify the key audit trail")
     au = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

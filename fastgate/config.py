@@ -83,7 +83,7 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 class ServerConfig(Base):
     listen: str = "127.0.0.1:8080"
-    workers: Annotated[int, Meta(ge=0, le=1024)] = 0  # 0 = one per CPU
+    workers: Annotated[int, Meta(ge=0, le=256)] = 0  # 0 = one per CPU (at most 256)
     drain_timeout: Seconds = 30.0  # SIGTERM: how long in-flight requests may take
     header_timeout: Seconds = 10.0  # slowloris: whole request head must arrive in this
     body_timeout: Seconds = 30.0  # longest gap between two pieces of a request body
@@ -223,6 +223,10 @@ class IpConfig(Base):
 class LogConfig(Base):
     access: str = "off"  # a file path, "stdout", or "off"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Per-key usage rollups (usage.db beside the key store): how long rows are kept.
+    usage_minute_hours: Annotated[int, Meta(ge=1)] = 48
+    usage_hour_days: Annotated[int, Meta(ge=1)] = 90
+    usage_day_days: Annotated[int, Meta(ge=0)] = 0  # 0 = forever
 
 
 class Config(Base):

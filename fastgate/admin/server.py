@@ -79,11 +79,17 @@ def status_of(rec, now_ms: int) -> str:
 class AdminApp:
     """Routes and the write path (store -> shared memory -> answer)."""
 
-    def __init__(self, config: cfg.Config, config_path: str | None, arena, store, token: bytes | None, master_pid: int):
+    def __init__(self, config: cfg.Config, config_path: str | None, arena, store, token: bytes | None, master_pid: int,
+                 stats=None, usage=None):
         self.config = config
         self.config_path = config_path
         self.store = store
         self.keys = core.KeyTable(arena, secret=store.secret)
+        self.rates = core.RateTable(arena)
+        self.arena = arena
+        self.stats = stats
+        self.usage = usage
+        self.slot_ids = {slot: key_id for key_id, slot in store.id_slots().items()}
         self.token = b"Bearer " + token if token else None
         self.master_pid = master_pid
         self.draining = False
@@ -140,6 +146,7 @@ class AdminApp:
         )
         rec = self.store.create(rec, actor)
         keysync.apply(self.keys, rec)
+        self.slot_ids[rec.slot] = rec.id
         return 201, self.out(rec, KeyCreated, key=key)
 
     def update(self, key_id: str, body: bytes, actor: str):
@@ -187,6 +194,8 @@ class AdminApp:
         rec = self._get(key_id)
         self.store.delete(key_id, actor)
         self.keys.delete(rec.slot)
+        self.rollup()  # counts still queued for this slot belong to this key
+        self.slot_ids.pop(rec.slot, None)
         return 204, None
 
     def list(self, query: dict):
@@ -219,6 +228,63 @@ class AdminApp:
         os.kill(self.master_pid, signal.SIGHUP)
         return 202, {"status": "reload requested", "config": self.config_path}
 
+    def rollup(self) -> None:
+        """Workers' per-key counts -> minute/hour/day rows (one transaction)."""
+        if self.stats is None or self.usage is None:
+            return
+        counts: dict[str, list[int]] = {}
+        for slot, *c in self.stats.drain_usage():
+            key_id = self.slot_ids.get(slot)
+            if key_id is None:
+                continue
+            acc = counts.get(key_id)
+            if acc is None:
+                counts[key_id] = list(c)
+            else:
+                for i, v in enumerate(c):
+                    acc[i] += v
+        self.usage.add(counts)
+
+    def key_usage(self, key_id: str, query: dict):
+        self._get(key_id)
+        by = query.get("by", "hour")
+        if by not in ("minute", "hour", "day"):
+            raise ApiError(400, "bad_request", f"by: expected minute, hour or day, found {by!r}")
+        try:
+            limit = min(10_000, max(1, int(query.get("limit", "48"))))
+        except ValueError:
+            raise ApiError(400, "bad_request", "limit: expected a whole number") from None
+        self.rollup()
+        rows = self.usage.series(key_id, by, limit) if self.usage else []
+        totals = {k: sum(r[k] for r in rows) for k in ("requests", "1xx", "2xx", "3xx", "4xx", "5xx",
+                                                       "bytes_in", "bytes_out")}
+        return 200, {"key_id": key_id, "by": by, "rows": rows, "totals": totals}
+
+    def top_usage(self, query: dict):
+        by = query.get("by", "day")
+        if by not in ("minute", "hour", "day"):
+            raise ApiError(400, "bad_request", f"by: expected minute, hour or day, found {by!r}")
+        try:
+            n = min(1000, max(1, int(query.get("n", "10"))))
+        except ValueError:
+            raise ApiError(400, "bad_request", "n: expected a whole number") from None
+        self.rollup()
+        return 200, {"by": by, "top": self.usage.top(n, by) if self.usage else []}
+
+    def metrics(self) -> str:
+        from .metrics import render
+
+        snaps = []
+        master = None
+        if self.stats is not None:
+            for region in range(self.stats.slots):
+                snap = self.stats.read(region)
+                if snap is not None:
+                    snaps.append(snap)
+            master = self.stats.read(self.stats.slots)
+        return render(snaps, master, self.keys.stats(), self.rates.stats(), self.arena.key_capacity,
+                      self.arena.rate_capacity)
+
     def sweep(self) -> None:
         """Record expiries in the audit trail (once) and drop ended rotation graces.
         Driven by the store (not by memory), so a failed write is retried next tick."""
@@ -235,7 +301,12 @@ class AdminApp:
         if parts == ["healthz"] and method == "GET":
             return 200, {"status": "ok", "admin_pid": os.getpid(), "master_pid": self.master_pid}
         if parts == ["readyz"] and method == "GET":
-            return (503, {"status": "draining"}) if self.draining else (200, {"status": "ready"})
+            m = self.stats.read(self.stats.slots) if self.stats is not None else None
+            if self.draining or (m and m.get("draining")):
+                return 503, {"status": "draining"}
+            if m and m.get("workers_ready", 0) < m.get("workers", 0):
+                return 503, {"status": "starting", "workers_ready": m["workers_ready"], "workers": m["workers"]}
+            return 200, {"status": "ready"}
         auth = headers.get(b"authorization", b"")
         if self.token is None:
             raise ApiError(401, "unauthorized",
@@ -260,12 +331,18 @@ class AdminApp:
                 if method == "DELETE":
                     return self.delete(key_id, actor)
                 raise ApiError(405, "method_not_allowed", "use GET, PATCH or DELETE on /keys/{id}")
+            if n == 3 and parts[2] == "usage" and method == "GET":
+                return self.key_usage(key_id, query)
             if n == 3 and parts[2] in ("rotate", "revoke"):
                 if method != "POST":
                     raise ApiError(405, "method_not_allowed", f"use POST on /keys/{{id}}/{parts[2]}")
                 return self.rotate(key_id, body, actor) if parts[2] == "rotate" else self.revoke(key_id, actor)
         elif parts == ["audit"] and method == "GET":
             return self.audit(query)
+        elif parts == ["metrics"] and method == "GET":
+            return 200, self.metrics()
+        elif parts == ["usage", "top"] and method == "GET":
+            return self.top_usage(query)
         elif parts == ["reload"] and method == "POST":
             return self.reload()
         elif parts == ["openapi.json"] and method == "GET":
@@ -329,9 +406,13 @@ class AdminProtocol(asyncio.Protocol):
         self.respond(status, payload, rid=rid, close=not self.parser.should_keep_alive())
 
     def respond(self, status: int, payload, rid: str = "", close: bool = False) -> None:
-        body = b"" if payload is None else _json.encode(payload)
         head = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown").encode())
-        if payload is not None:
+        if isinstance(payload, str):  # Prometheus text exposition
+            body = payload.encode()
+            head += b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n"
+        else:
+            body = b"" if payload is None else _json.encode(payload)
+        if payload is not None and not isinstance(payload, str):
             head += b"content-type: application/json\r\n"
         head += b"content-length: %d\r\n" % len(body)
         if rid:
@@ -344,8 +425,9 @@ class AdminProtocol(asyncio.Protocol):
 
 
 def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, config_path: str | None,
-              arena, store_path: str, token: bytes | None, master_pid: int) -> None:
+              arena, store_path: str, token: bytes | None, master_pid: int, stats=None) -> None:
     from ..keys.store import KeyStore
+    from ..usage import UsageStore
 
     # The master hands us the writer role right after the fork: wait for it.
     deadline = time.monotonic() + 10
@@ -354,7 +436,12 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
             raise RuntimeError("the master did not hand the admin process the writer role")
         time.sleep(0.001)
     store = KeyStore(store_path)
-    app = AdminApp(config, config_path, arena, store, token, master_pid)
+    usage = UsageStore(os.path.join(os.path.dirname(os.path.abspath(store_path)), "usage.db"), {
+        "minute": config.log.usage_minute_hours * 3600,
+        "hour": config.log.usage_hour_days * 86_400,
+        "day": config.log.usage_day_days * 86_400 or None,
+    })
+    app = AdminApp(config, config_path, arena, store, token, master_pid, stats, usage)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     reader = MessageReader()
@@ -374,6 +461,7 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
     def tick():
         try:
             app.sweep()
+            app.rollup()
         except Exception:
             log.exception("admin sweep failed")
         loop.call_later(1.0, tick)
@@ -396,5 +484,9 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
     try:
         loop.run_forever()
     finally:
-        store.close()
-        loop.close()
+        try:
+            app.rollup()
+        finally:
+            usage.close()
+            store.close()
+            loop.close()

@@ -100,6 +100,7 @@ class Exchange:
         "key",
         "client",
         "target",
+        "key_index",
     )
 
     def __init__(self, conn):
@@ -126,6 +127,7 @@ class Exchange:
         self.key = None  # (key_id, owner, plan) once a key is accepted
         self.client = None
         self.target = None
+        self.key_index = -1
 
 
 class ClientConnection(asyncio.Protocol):
@@ -644,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
         ex.done = True
         self.active = None
         w = self.w
-        w.count_status(ex.status)
+        w.account(ex)
         if w.access is not None:
             w.log_exchange(ex)
         q = self.queue

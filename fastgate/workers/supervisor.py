@@ -25,6 +25,8 @@ from .worker import MessageReader, Worker, send_msg
 log = logging.getLogger("fastgate.master")
 
 RESTART_BACKOFF_MAX = 5.0
+# Worker slots the shared stats segment has room for (a reload may add workers).
+MAX_WORKER_SLOTS = 256
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -85,6 +87,14 @@ class Supervisor:
     def _all(self) -> list[Slot]:
         return self.slots + [self.admin] if self.admin is not None else self.slots
 
+    def _publish_master(self) -> None:
+        self.stats.publish(self.stats.slots, {
+            "worker_restarts": self.restarts_total,
+            "workers": sum(1 for s in self.slots if not s.retiring),
+            "workers_ready": sum(1 for s in self.slots if s.ready and not s.retiring),
+            "draining": self.stopping,
+        })
+
     def _open_keys(self) -> None:
         """Create the shared arena and load every stored key into it, before any
         fork: workers inherit the mapping, the admin process becomes its writer."""
@@ -109,7 +119,10 @@ class Supervisor:
         return config.server.workers or os.cpu_count() or 1
 
     def run(self) -> int:
+        from ..stats import StatsSegment
+
         self._open_keys()
+        self.stats = StatsSegment(MAX_WORKER_SLOTS)
         n = self.worker_count(self.config)
         for i in range(n):
             self._add_slot()
@@ -196,9 +209,10 @@ class Supervisor:
 
                     token = os.environ.get(self.config.admin.token_env) or None
                     run_admin(slot.sock, child, self.config, self.config_path, self.arena, self.config.keys.store,
-                              token.encode() if token else None, os.getppid())
+                              token.encode() if token else None, os.getppid(), self.stats)
                 else:
-                    Worker(slot.index, self.config, slot.sock, child, arena=self.arena, secret=self.secret).run()
+                    Worker(slot.index, self.config, slot.sock, child, arena=self.arena, secret=self.secret,
+                           stats=self.stats).run()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -251,6 +265,7 @@ class Supervisor:
                             except ProcessLookupError:
                                 pass
             self._reap()
+            self._publish_master()
             now = time.monotonic()
             if self.stopping:
                 if not any(s.pid for s in self._all()) and not self.extra_children:
@@ -308,6 +323,7 @@ class Supervisor:
         if slot.retiring:
             slot.sock.close()
             self.slots.remove(slot)
+            self.stats.clear(slot.index)
             return
         if self.stopping:
             return

@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import time
+from bisect import bisect_left
 from urllib.parse import unquote_to_bytes
 
 import uvloop
@@ -48,6 +49,8 @@ _KEY_MESSAGES = {
     core.KEY_IP_DENIED: "API key may not be used from this address",
     core.KEY_BUSY: "key table is being written; retry",
 }
+# Request latency histogram bucket bounds (seconds), Prometheus-style.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400, "month": 2_592_000}
 
 
@@ -84,7 +87,7 @@ class MessageReader:
 
 class Worker:
     def __init__(self, index: int, config: cfg.Config, sock: socket.socket, ctl: socket.socket,
-                 arena=None, secret: bytes | None = None):
+                 arena=None, secret: bytes | None = None, stats=None):
         self.index = index
         if arena is None:  # a worker on its own (tests, tools): a private arena
             arena = core.Arena.create(key_capacity=16, rate_capacity=1024)
@@ -104,7 +107,12 @@ class Worker:
         self.targets: dict = {}
         self._rid_prefix = ""
         self._rid = 0
-        self.status_counts: dict = {}
+        self.stats = stats
+        self.m_requests: dict = {}
+        self.m_latency: dict = {}
+        self.m_upstream: dict = {}  # target -> [connects, reuses, connect_errors]
+        self.usage: dict = {}  # key slot -> [1xx, 2xx, 3xx, 4xx, 5xx, bytes_in, bytes_out]
+        self._next_publish = 0.0
         self.access = None
         self.apply(config)
 
@@ -189,9 +197,52 @@ class Worker:
         self._rid += 1
         return f"{self._rid_prefix}{self._rid:08x}"
 
-    def count_status(self, status) -> None:
-        c = self.status_counts
-        c[status] = c.get(status, 0) + 1
+    def count_status(self, status: int) -> None:
+        """A refusal that never became an exchange (malformed head), or a 101."""
+        k = ("", status // 100, "parse" if status >= 400 else "proxied", "")
+        m = self.m_requests
+        m[k] = m.get(k, 0) + 1
+
+    def account(self, ex) -> None:
+        """Step 9's counters: requests by (route, status class, stage, plan), the
+        route's latency histogram, and the key's usage (one dict update each)."""
+        route = ex.route
+        rname = route.name if route is not None else ""
+        key = ex.key
+        cls = ex.status // 100
+        k = (rname, cls, STAGE_OF.get(ex.error, "internal") if ex.error else "proxied", key[2] if key else "")
+        m = self.m_requests
+        m[k] = m.get(k, 0) + 1
+        dt = self.loop.time() - ex.t0
+        h = self.m_latency.get(rname)
+        if h is None:
+            h = self.m_latency[rname] = [0] * (len(LATENCY_BUCKETS) + 2)
+        h[bisect_left(LATENCY_BUCKETS, dt)] += 1
+        h[-1] += dt
+        if key is not None:
+            u = self.usage.get(ex.key_index)
+            if u is None:
+                u = self.usage[ex.key_index] = [0, 0, 0, 0, 0, 0, 0]
+            if 1 <= cls <= 5:
+                u[cls - 1] += 1
+            u[5] += ex.body_seen
+            u[6] += ex.bytes_out
+
+    def publish_stats(self) -> None:
+        """About once a second: the snapshot for GET /metrics, and usage deltas."""
+        stats = self.stats
+        if stats is None:
+            return
+        if self.usage:
+            stats.push_usage(self.usage)
+        stats.publish(self.index, {
+            "requests": [[*k, n] for k, n in self.m_requests.items()],
+            "latency": self.m_latency,
+            "upstream": self.m_upstream,
+            "idle": {t.name: len(t.idle) for t in self.targets.values()},
+            "connections": len(self.conns),
+            "access_log": [self.access.lines, self.access.dropped] if self.access is not None else [0, 0],
+        })
 
     # -- the decision pipeline (DESIGN.md order) --------------------------------
     def handle(self, ex) -> None:
@@ -256,6 +307,7 @@ class Worker:
         ident = self._identity(idx)
         ex.identity = ident[0]
         ex.key = ident[4]
+        ex.key_index = idx
         r = self.rates.hit_key(ident[1], self.keys, idx, now_ms)
         if r == core.UNLIMITED:
             return True
@@ -399,12 +451,20 @@ class Worker:
     def proxy(self, ex, target) -> None:
         ex.target = target
         up = target.get() if ex.upgrade is None else None
+        c = self.m_upstream.get(target.name)
+        if c is None:
+            c = self.m_upstream[target.name] = [0, 0, 0]
         if up is not None:
+            c[1] += 1
             ex.conn.send_upstream(ex, up, self.build_head(ex, target))
             return
         self.connect(ex, target)
 
     def connect(self, ex, target) -> None:
+        c = self.m_upstream.get(target.name)
+        if c is None:
+            c = self.m_upstream[target.name] = [0, 0, 0]
+        c[0] += 1
         fut = asyncio.ensure_future(
             self.loop.create_connection(functools.partial(UpstreamConn, target), target.host, target.port)
         )
@@ -424,6 +484,7 @@ class Worker:
             return
         exc = fut.exception()
         if exc is not None:
+            self.m_upstream[target.name][2] += 1
             ex.up_head = None
             if not conn.closed and conn.active is ex and not ex.done:
                 conn.upstream_failed(ex, "upstream_unavailable", f"cannot connect to upstream {target.host}:{target.port}")
@@ -454,7 +515,11 @@ class Worker:
             t.expire(now)
         if self.access is not None:
             self.access.flush()
+        if now >= self._next_publish:
+            self._next_publish = now + 1.0
+            self.publish_stats()
         if self.draining and not self.conns:
+            self.publish_stats()
             loop.stop()
             return
         loop.call_at(now + self.tick, self._tick)
