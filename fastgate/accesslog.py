@@ -42,7 +42,8 @@ STAGE_OF = {
 
 
 class AccessRecord(msgspec.Struct, gc=False, omit_defaults=True):
-    """One line. Never holds a key: key_id is the public id."""
+    """One line. Never holds a key: key_id is the public id. Build it with
+    positional arguments on the hot path (keywords cost 4x as much)."""
 
     time: str
     request_id: str
@@ -52,19 +53,19 @@ class AccessRecord(msgspec.Struct, gc=False, omit_defaults=True):
     status: int
     bytes_in: int
     bytes_out: int
-    total_ms: float
+    total_us: int  # request head complete -> response complete, microseconds
     route: str | None = None
     key_id: str | None = None
     owner: str | None = None
     plan: str | None = None
     upstream: str | None = None
-    upstream_ms: float | None = None
+    upstream_us: int | None = None  # request head -> upstream response head
     decision: str | None = None  # the stage that refused the request, if one did
     error: str | None = None
 
 
 class AccessLog:
-    __slots__ = ("target", "fd", "buf", "enc", "failed", "dropped", "lines", "_sec", "_stamp")
+    __slots__ = ("target", "fd", "buf", "enc", "failed", "dropped", "lines", "_sec", "_stamp", "_ms", "_ms_stamp")
 
     def __init__(self, target: str):
         self.target = target
@@ -76,6 +77,8 @@ class AccessLog:
         self.lines = 0
         self._sec = -1
         self._stamp = ""
+        self._ms = -1
+        self._ms_stamp = ""
         self.open()
 
     def open(self) -> None:
@@ -97,12 +100,17 @@ class AccessLog:
         self.flush()
         self.open()
 
-    def _now(self, wall: float) -> str:
-        sec = int(wall)
-        if sec != self._sec:  # one strftime per second, not per line
-            self._sec = sec
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._stamp}.{int((wall - sec) * 1000):03d}Z"
+    def stamp(self) -> str:
+        """UTC time with milliseconds, formatted once per millisecond."""
+        ms = int(time.time() * 1000)
+        if ms != self._ms:
+            sec = ms // 1000
+            if sec != self._sec:
+                self._sec = sec
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            self._ms = ms
+            self._ms_stamp = f"{self._stamp}.{ms % 1000:03d}Z"
+        return self._ms_stamp
 
     def record(self, rec: AccessRecord) -> None:
         self.enc.encode_into(rec, self.buf, -1)
@@ -110,9 +118,6 @@ class AccessLog:
         self.lines += 1
         if len(self.buf) >= FLUSH_BYTES:
             self.flush()
-
-    def stamp(self) -> str:
-        return self._now(time.time())
 
     def flush(self) -> None:
         buf = self.buf

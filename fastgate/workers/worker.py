@@ -159,35 +159,34 @@ class Worker:
     def log_exchange(self, ex) -> None:
         """Step 9: the access-log line (only called when the log is on)."""
         now = self.loop.time()
-        up = ex.t_head - ex.t0 if ex.t_head and ex.error is None else None
         route = ex.route
         key = ex.key
         target = ex.target
         self.access.record(AccessRecord(
-            time=self.access.stamp(),
-            request_id=ex.request_id,
-            client_ip=ex.client or ex.conn.peer,
-            method=ex.method.decode("latin-1"),
-            path=ex.path.decode("latin-1"),
-            status=ex.status,
-            bytes_in=ex.body_seen,
-            bytes_out=ex.bytes_out,
-            total_ms=round((now - ex.t0) * 1000, 3),
-            route=route.name if route is not None else None,
-            key_id=key[0] if key else None,
-            owner=key[1] or None if key else None,
-            plan=key[2] or None if key else None,
-            upstream=target.name if target is not None else None,
-            upstream_ms=round(up * 1000, 3) if up is not None else None,
-            decision=STAGE_OF.get(ex.error) if ex.error else None,
-            error=ex.error,
+            self.access.stamp(),
+            ex.request_id,
+            ex.client or ex.conn.peer,
+            ex.method.decode("latin-1"),
+            ex.path.decode("latin-1"),
+            ex.status,
+            ex.body_seen,
+            ex.bytes_out,
+            int((now - ex.t0) * 1e6),
+            route.name if route is not None else None,
+            key[0] if key else None,
+            key[1] or None if key else None,
+            key[2] or None if key else None,
+            target.name if target is not None else None,
+            int((ex.t_head - ex.t0) * 1e6) if ex.t_head and ex.error is None else None,
+            STAGE_OF.get(ex.error) if ex.error else None,
+            ex.error,
         ))
 
     def log_refused(self, conn, request_id: str, code: str) -> None:
         """A request refused before it became an exchange (malformed head)."""
         self.access.record(AccessRecord(
             time=self.access.stamp(), request_id=request_id, client_ip=conn.peer, method="-", path="-",
-            status=ERROR_STATUS[code], bytes_in=0, bytes_out=0, total_ms=0.0, decision="parse", error=code,
+            status=ERROR_STATUS[code], bytes_in=0, bytes_out=0, total_us=0, decision="parse", error=code,
         ))
 
     def is_trusted(self, peer: str) -> bool:

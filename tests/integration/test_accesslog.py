@@ -25,7 +25,7 @@ upstream = "app"
 auth = "key"
 """
 
-FIELDS = {"time", "request_id", "client_ip", "method", "path", "status", "bytes_in", "bytes_out", "total_ms"}
+FIELDS = {"time", "request_id", "client_ip", "method", "path", "status", "bytes_in", "bytes_out", "total_us"}
 
 
 def _lines(path, want: int, timeout: float = 5.0) -> list[dict]:
@@ -58,8 +58,8 @@ def test_lines_parse_and_carry_every_field(start_gateway, upstream, tmp_path):
     assert first["route"] == "keyed" and first["key_id"] == key["id"]
     assert first["owner"] == "acme" and first["plan"] == "free"
     assert first["bytes_in"] == 5 and first["bytes_out"] == len(ok.content)
-    assert first["upstream"] == upstream.addr and first["upstream_ms"] >= 0
-    assert first["client_ip"] == "127.0.0.1" and first["total_ms"] >= first["upstream_ms"]
+    assert first["upstream"] == upstream.addr and first["upstream_us"] >= 0
+    assert first["client_ip"] == "127.0.0.1" and first["total_us"] >= first["upstream_us"]
     denied = [line for line in lines if line["status"] == 401][0]
     assert denied["decision"] == "key" and denied["error"] == "key_missing"
     text = log_path.read_text()
