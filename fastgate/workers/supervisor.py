@@ -173,46 +173,20 @@ class Supervisor:
                 other.ctl.close()
         self.sel.close()
 
-    def _spawn_extra(self, name: str, fn) -> None:
+    def _fork(self, body, keep: Slot | None = None) -> int:
+        """Fork a child that runs body() with only its own listening socket
+        (keep) and exits with 0, or 1 after printing what went wrong."""
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
             try:
-                self._child_reset()
-                for slot in self._all():
-                    slot.sock.close()
-                fn()
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        self.extra_children[pid] = name
-
-    def _spawn(self, slot: Slot) -> None:
-        parent, child = socket.socketpair()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                parent.close()
                 self._child_reset()
                 for other in self._all():
-                    if other is not slot:
+                    if other is not keep:
                         other.sock.close()
-                if slot.kind == "admin":
-                    from ..admin.server import run_admin
-
-                    token = os.environ.get(self.config.admin.token_env) or None
-                    run_admin(slot.sock, child, self.config, self.config_path, self.arena, self.config.keys.store,
-                              token.encode() if token else None, os.getppid(), self.stats)
-                else:
-                    Worker(slot.index, self.config, slot.sock, child, arena=self.arena, secret=self.secret,
-                           stats=self.stats).run()
+                body()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -220,6 +194,31 @@ class Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        return pid
+
+    def _spawn_extra(self, name: str, fn) -> None:
+        self.extra_children[self._fork(fn)] = name
+
+    def _run_slot(self, slot: Slot, ctl: socket.socket) -> None:
+        """In the child: become this slot's worker or the admin process."""
+        if slot.kind == "admin":
+            from ..admin.server import run_admin
+
+            token = os.environ.get(self.config.admin.token_env) or None
+            run_admin(slot.sock, ctl, self.config, self.config_path, self.arena, self.config.keys.store,
+                      token.encode() if token else None, os.getppid(), self.stats)
+        else:
+            Worker(slot.index, self.config, slot.sock, ctl, arena=self.arena, secret=self.secret,
+                   stats=self.stats).run()
+
+    def _spawn(self, slot: Slot) -> None:
+        parent, child = socket.socketpair()
+
+        def body():
+            parent.close()
+            self._run_slot(slot, child)
+
+        pid = self._fork(body, keep=slot)
         child.close()
         if slot.kind == "admin":
             self.arena.set_writer(pid)  # the single writer of the key table from now on
