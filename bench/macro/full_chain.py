@@ -106,7 +106,8 @@ def make_keys(n: int, exact: bool) -> list[str]:
     return keys
 
 
-def build_store(path: Path, keys: list[str], plan: str) -> KeyStore:
+def build_store(path: Path, keys: list[str], plan: str, scopes: list[str] = SCOPES,
+                allow: list[str] = ALLOW) -> KeyStore:
     store = KeyStore(str(path))
     try:
         secret = store.secret
@@ -114,7 +115,7 @@ def build_store(path: Path, keys: list[str], plan: str) -> KeyStore:
 
         def records():
             for i, key in enumerate(keys):
-                yield KeyRecord(id=key[3:19], name=f"bench {i}", plan=plan, scopes=SCOPES, allow_cidrs=ALLOW,
+                yield KeyRecord(id=key[3:19], name=f"bench {i}", plan=plan, scopes=scopes, allow_cidrs=allow,
                                 slot=i, digest=digest(secret, key.encode()))
         n = store.bulk_import(records(), actor="bench")
         if n != len(keys):
@@ -201,45 +202,50 @@ class Gateway(Server):
         return out
 
 
-def start_fastgate(tmp: Path, name: str, core_id: int, config: str, keys: int, timeout: float) -> Gateway:
+def start_fastgate(tmp: Path, name: str, core_id: int | str, config: str, keys: int, timeout: float,
+                   workers: int = 1) -> Gateway:
     d = tmp / name
     d.mkdir()
     toml = d / "gateway.toml"
     toml.write_text(config)
     log = d / "stdout.log"
-    argv = taskset(core_id, [sys.executable, "-m", "fastgate", "run", "--config", str(toml), "--workers", "1",
+    argv = taskset(core_id, [sys.executable, "-m", "fastgate", "run", "--config", str(toml), "--workers", str(workers),
                              "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
     srv = Gateway(name, "fastgate", keys, argv, log, d)
-    listening = re.compile(rb"fastgate: listening on http://127\.0\.0\.1:(\d+)")
-    deadline = srv.t0 + timeout
-    while True:
-        text = log.read_bytes()
-        m = listening.search(text)
-        if m:
-            srv.start_s = time.monotonic() - srv.t0
-            srv.port = int(m.group(1))
-            break
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {srv.proc.returncode}:\n{tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not announce its port within {timeout:.0f}s:\n{tail(log)}")
-        time.sleep(0.01)
-    wait_port(srv.port, srv.proc, log)
-    for _ in range(100):  # the admin line follows the listening line in the same print
-        admin = re.search(rb"fastgate: admin API on (http://127\.0\.0\.1:\d+)", log.read_bytes())
-        if admin:
-            break
-        time.sleep(0.02)
-    else:
-        raise RuntimeError(f"{name}: no 'admin API on' line:\n{tail(log)}")
-    with _NO_PROXY.open(admin.group(1).decode() + "/healthz", timeout=5) as resp:
-        health = json.load(resp)
-    srv.exclude.add(int(health["admin_pid"]))
-    loaded = re.search(rb"loaded (\d+) keys from .* in ([\d.]+)s", log.read_bytes())
-    if loaded:
-        srv.info["keys_loaded"], srv.info["load_s"] = int(loaded.group(1)), float(loaded.group(2))
-        if srv.info["keys_loaded"] != keys and keys:
-            raise RuntimeError(f"{name} loaded {srv.info['keys_loaded']} keys, expected {keys}")
+    try:
+        listening = re.compile(rb"fastgate: listening on http://127\.0\.0\.1:(\d+)")
+        deadline = srv.t0 + timeout
+        while True:
+            text = log.read_bytes()
+            m = listening.search(text)
+            if m:
+                srv.start_s = time.monotonic() - srv.t0
+                srv.port = int(m.group(1))
+                break
+            if srv.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {srv.proc.returncode}:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not announce its port within {timeout:.0f}s:\n{tail(log)}")
+            time.sleep(0.01)
+        wait_port(srv.port, srv.proc, log)
+        for _ in range(100):  # the admin line follows the listening line in the same print
+            admin = re.search(rb"fastgate: admin API on (http://127\.0\.0\.1:\d+)", log.read_bytes())
+            if admin:
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"{name}: no 'admin API on' line:\n{tail(log)}")
+        with _NO_PROXY.open(admin.group(1).decode() + "/healthz", timeout=5) as resp:
+            health = json.load(resp)
+        srv.exclude.add(int(health["admin_pid"]))
+        loaded = re.search(rb"loaded (\d+) keys from .* in ([\d.]+)s", log.read_bytes())
+        if loaded:
+            srv.info["keys_loaded"], srv.info["load_s"] = int(loaded.group(1)), float(loaded.group(2))
+            if srv.info["keys_loaded"] != keys and keys:
+                raise RuntimeError(f"{name} loaded {srv.info['keys_loaded']} keys, expected {keys}")
+    except BaseException:  # never leave a half-started gateway behind
+        srv.stop()
+        raise
     return srv
 
 

@@ -145,14 +145,18 @@ def taskset(core: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(core), *argv]
 
 
-def nginx_conf(tmp: Path, name: str, port: int, location: str, http_extra: str = "") -> Path:
+def nginx_conf(tmp: Path, name: str, port: int, location: str, http_extra: str = "", *, workers: int = 1,
+               server_extra: str = "", locations: dict[str, str] | None = None) -> Path:
+    """``location`` goes into ``location /``; ``locations`` (prefix -> body), when given, replaces it
+    (bench/suite.py: one location per route); ``server_extra`` goes at server level."""
     d = tmp / name
+    locations = locations if locations is not None else {"/": location}
     d.mkdir()
     lines = [
         "user root;" if os.geteuid() == 0 else "",  # as root, workers would otherwise drop to nobody
         "daemon off;",
         "master_process on;",
-        "worker_processes 1;",
+        f"worker_processes {workers};",
         f"pid {d}/nginx.pid;",
         f"error_log {d}/error.log warn;",
         "events { worker_connections 4096; }",
@@ -164,9 +168,9 @@ def nginx_conf(tmp: Path, name: str, port: int, location: str, http_extra: str =
         *(f"    {line}" for line in http_extra.splitlines()),
         "    server {",
         f"        listen 127.0.0.1:{port} backlog=4096;",
-        "        location / {",
-        *(f"            {line}" for line in location.splitlines()),
-        "        }",
+        *(f"        {line}" for line in server_extra.splitlines()),
+        *(line for prefix, body in locations.items() for line in (
+            f"        location {prefix} {{", *(f"            {b}" for b in body.splitlines()), "        }")),
         "    }",
         "}",
     ]
