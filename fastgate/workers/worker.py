@@ -368,7 +368,10 @@ class Worker:
         if plan:
             hdr += b"x-fastgate-plan: %s\r\n" % plan.encode()
         if owner:
-            hdr += b"x-fastgate-owner: %s\r\n" % owner.encode("utf-8", "replace")
+            # DESIGN names the owner both ways (owner in its interface list,
+            # tenant in its key section): send both so either contract holds.
+            o = owner.encode("utf-8", "replace")
+            hdr += b"x-fastgate-owner: %s\r\nx-fastgate-tenant: %s\r\n" % (o, o)
         policy = self.plan_policies.get(plan)
         if policy is None:  # no plan, or one a reload removed: the key's own limits only
             policy = self.plan_policies[""]

@@ -97,7 +97,7 @@ def test_identity_headers_upstream_and_no_key(gw):
         assert r.status_code == 200
         seen = {k.lower(): v for k, v in r.json()["headers"]}
         assert seen["x-fastgate-key-id"] == rec["id"]
-        assert seen["x-fastgate-owner"] == "acme"
+        assert seen["x-fastgate-owner"] == "acme" and seen["x-fastgate-tenant"] == "acme"
         assert seen["x-fastgate-plan"] == "gold"
         assert "x-api-key" not in seen and "authorization" not in seen
         assert key not in r.text
