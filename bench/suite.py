@@ -581,6 +581,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(figures, generator))
+    notes += [f"{row}: {fig['note']}" for row, fig in figures.items() if fig["note"]]
     for n in notes:
         print(f"note: {n}")
     print(f"\nwritten {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
