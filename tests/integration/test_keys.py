@@ -344,3 +344,29 @@ def test_audit_chain_records_lifecycle(gw):
     finally:
         store.close()
     assert ok and not problems and n >= 4
+
+
+def test_admin_process_crash_hands_the_writer_role_to_its_replacement(gw):
+    import os
+    import signal
+
+    key, rec = new_key(gw)
+    old_admin = gw.admin_pid()
+    os.kill(old_admin, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    new_admin = None
+    while time.monotonic() < deadline:
+        try:
+            new_admin = gw.admin_pid()
+            if new_admin != old_admin:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    assert new_admin and new_admin != old_admin
+    # The replacement writes the shared table: a new key works, a revoke bites.
+    key2, rec2 = new_key(gw)
+    assert call(gw, key=key2).status_code == 200
+    gw.admin("POST", f"/keys/{rec['id']}/revoke", expect=200)
+    assert call(gw, key=key).status_code == 401
+    assert "admin process" in gw.log()
