@@ -211,6 +211,10 @@ class IpConfig(Base):
     allow: list[str] = []  # empty = everyone not denied
     deny: list[str] = []
     trusted_proxies: list[str] = []
+    # Files with one address or CIDR per line ('#' comments), merged into
+    # allow/deny when the config is loaded (and on every reload).
+    allow_files: list[str] = []
+    deny_files: list[str] = []
 
     def __post_init__(self):
         problems: list[str] = []
@@ -323,7 +327,7 @@ def _convert(value: Any, typ: Any, path: str, problems: list[tuple[str, str]]):
     return None
 
 
-def build_config(raw: Any, source: str) -> Config:
+def build_config(raw: Any, source: str, base_dir: str | None = None) -> Config:
     """Validate a decoded document; raise ConfigError listing every problem."""
     problems: list[tuple[str, str]] = []
     if raw is None:
@@ -376,9 +380,39 @@ def build_config(raw: Any, source: str) -> Config:
             known = ", ".join(sorted(upstream_names)) or "none defined"
             problems.append((f"$.routes[{i}].upstream", f"expected the name of an [[upstreams]] entry ({known}), found {r.upstream!r}"))
 
+    ip = parts.get("ip")
+    if ip is not None and (ip.allow_files or ip.deny_files):
+        for field in ("allow", "deny"):
+            merged = list(getattr(ip, field))
+            for i, name in enumerate(getattr(ip, f"{field}_files")):
+                merged += _read_cidr_file(name, base_dir, f"$.ip.{field}_files[{i}]", problems)
+            setattr(ip, field, merged)
+
     if problems:
         raise ConfigError(source, problems)
     return Config(**{k: v for k, v in parts.items()})
+
+
+def _read_cidr_file(name: str, base_dir: str | None, where: str, problems: list) -> list[str]:
+    path = name if os.path.isabs(name) or base_dir is None else os.path.join(base_dir, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append((where, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"))
+        return []
+    out = []
+    for n, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            parse_cidr(entry)
+        except ValueError as exc:
+            problems.append((where, f"{path}:{n}: {exc}"))
+            continue
+        out.append(entry)
+    return out
 
 
 def read_document(path: str) -> Any:
@@ -405,8 +439,8 @@ def load_config(path: str) -> Config:
     """Relative file paths in the config (key store, access log) are taken
     relative to the config file's folder, like nginx's include paths, so the
     gateway behaves the same whatever directory it is started from."""
-    config = build_config(read_document(path), path)
     base = os.path.dirname(os.path.abspath(path))
+    config = build_config(read_document(path), path, base)
     if not os.path.isabs(config.keys.store):
         config.keys.store = os.path.join(base, config.keys.store)
     if config.log.access not in ("off", "stdout") and not os.path.isabs(config.log.access):

@@ -426,3 +426,25 @@ def test_check_config_invalid_toml(tmp_path):
     assert r.returncode == 2
     assert f"{f}: $: invalid TOML" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_ip_lists_from_files(tmp_path):
+    from fastgate.config import load_config
+
+    (tmp_path / "deny.txt").write_text("# bad networks\n203.0.113.0/24\n\n198.51.100.7  # one host\n")
+    (tmp_path / "gw.toml").write_text('[ip]\ndeny = ["192.0.2.0/24"]\ndeny_files = ["deny.txt"]\n')
+    c = load_config(str(tmp_path / "gw.toml"))
+    assert c.ip.deny == ["192.0.2.0/24", "203.0.113.0/24", "198.51.100.7"]
+
+
+def test_ip_file_problems_are_located(tmp_path):
+    from fastgate.config import load_config
+    from fastgate.errors import ConfigError
+
+    (tmp_path / "allow.txt").write_text("10.0.0.0/8\nnot-an-ip\n")
+    (tmp_path / "gw.toml").write_text('[ip]\nallow_files = ["allow.txt", "missing.txt"]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(tmp_path / "gw.toml"))
+    text = str(exc.value)
+    assert "$.ip.allow_files[0]" in text and "allow.txt:2" in text and "not-an-ip" in text
+    assert "$.ip.allow_files[1]" in text and "missing.txt" in text
