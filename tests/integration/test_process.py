@@ -170,3 +170,20 @@ def test_embedded_default_starts_and_proxies_to_demo(tmp_path):
 def test_python_dash_m_and_console_script_agree():
     out = subprocess.run([sys.executable, "-m", "fastgate", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("fastgate ")
+
+
+def test_admin_reload_validates_then_applies(start_gateway, upstream):
+    config = basic_config(upstream)
+    gw = start_gateway(config)
+    assert httpx.get(gw.url + "/v3/echo/x", timeout=5).status_code == 404  # the upstream has no /v3
+    gw.config_path.write_text(config + '\n[[routes]]\nname = "v3"\npath = "/v3"\nupstream = "app"\nauth = "none"\n'
+                              'strip_path = true\n')
+    r = gw.admin("POST", "/reload", expect=202)
+    assert r.json()["status"] == "reload requested"
+    assert _wait_for(lambda: httpx.get(gw.url + "/v3/echo/x", timeout=5).status_code == 200, 5)
+    # A bad file is refused by the API with every problem, and nothing changes.
+    gw.config_path.write_text(config + '\n[[routes]]\nname = "bad"\npath = "x"\nupstream = "nope"\n')
+    r = gw.admin("POST", "/reload", expect=400)
+    msg = r.json()["error"]["message"]
+    assert "$.routes[2].path" in msg and "$.routes[2].upstream" in msg
+    assert httpx.get(gw.url + "/v3/echo/x", timeout=5).status_code == 200
