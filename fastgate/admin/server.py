@@ -144,10 +144,23 @@ class AdminApp:
             allow_cidrs=req.allow_cidrs, deny_cidrs=req.deny_cidrs, limits=req.limits,
             expires_at=req.expires_at, metadata=req.metadata, slot=slot, digest=self.keys.digest(key.encode()),
         )
-        rec = self.store.create(rec, actor)
-        keysync.apply(self.keys, rec)
+        # Shared memory first: a record that does not fit (extension heap full)
+        # is refused before anything is stored. Nobody can use the key before
+        # the store commit below, because its secret is only in our answer.
+        self._apply(rec)
+        try:
+            rec = self.store.create(rec, actor)
+        except BaseException:
+            self.keys.delete(slot)
+            raise
         self.slot_ids[rec.slot] = rec.id
         return 201, self.out(rec, KeyCreated, key=key)
+
+    def _apply(self, rec) -> None:
+        try:
+            keysync.apply(self.keys, rec)
+        except core.CoreError as exc:
+            raise ApiError(503, "key_table_full", f"{exc} (raise [keys] capacity or ext_bytes)") from None
 
     def update(self, key_id: str, body: bytes, actor: str):
         try:
@@ -162,9 +175,14 @@ class AdminApp:
         )
         if not changes:
             return 200, self.out(rec)
-        rec = self.store.update(key_id, changes, actor)
-        keysync.apply(self.keys, rec)
-        return 200, self.out(rec)
+        new = self.store.update(key_id, changes, actor)
+        try:
+            self._apply(new)
+        except ApiError:
+            # The shared table could not take the new record: put the stored one back.
+            self.store.update(key_id, {f: getattr(rec, f) for f in changes}, "system")
+            raise
+        return 200, self.out(new)
 
     def rotate(self, key_id: str, body: bytes, actor: str):
         try:

@@ -370,3 +370,20 @@ def test_admin_process_crash_hands_the_writer_role_to_its_replacement(gw):
     gw.admin("POST", f"/keys/{rec['id']}/revoke", expect=200)
     assert call(gw, key=key).status_code == 401
     assert "admin process" in gw.log()
+
+
+def test_a_key_that_does_not_fit_is_refused_and_not_stored(start_gateway, upstream):
+    # A tiny extension heap: capacity 16 gets the 64 KiB minimum.
+    extra = KEYS_EXTRA.format(fal="1000/minute").replace('store = "keys.db"', 'store = "keys.db"\ncapacity = 16')
+    gw = start_gateway(basic_config(upstream, extra=extra))
+    big = {"name": "big", "scopes": [f"GET /echo/{'x' * 400}/{i}/*" for i in range(200)]}  # ~80 KB
+    r = gw.admin("POST", "/keys", json=big, expect=503)
+    assert r.json()["error"]["code"] == "key_table_full"
+    assert gw.admin("GET", "/keys", expect=200).json()["keys"] == []
+    # Small keys still fit and work.
+    key, rec = new_key(gw)
+    assert call(gw, key=key).status_code == 200
+    # An update that does not fit leaves the key as it was.
+    r = gw.admin("PATCH", f"/keys/{rec['id']}", json={"scopes": big["scopes"]}, expect=503)
+    assert gw.admin("GET", f"/keys/{rec['id']}", expect=200).json()["scopes"] == []
+    assert call(gw, key=key).status_code == 200
