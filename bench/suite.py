@@ -49,7 +49,7 @@ from pathlib import Path
 from bench.macro import full_chain as fc
 from bench.macro.full_chain import (
     BODY, CLK_TCK, PLAN_LIMIT, PROXY, RESULTS, ROOT, Gateway, Server, children, core_times, free_port, git,
-    make_keys, nginx_chain, nginx_conf, parse_wrk, sample, tail, wait_port,
+    nginx_chain, nginx_conf, parse_wrk, sample, tail, wait_port,
 )
 
 SCENARIOS = ("plain", "key", "rate", "full")

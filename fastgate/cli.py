@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format=f"fastgate[%(process)d] %(levelname)s %(name)s: %(message)s",
+        format="fastgate[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 

@@ -36,7 +36,6 @@ from .schemas import (
     KeyOut,
     RotateKey,
     UpdateKey,
-    parse_rfc3339,
 )
 
 log = logging.getLogger("fastgate.admin")

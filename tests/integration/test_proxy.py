@@ -14,7 +14,7 @@ import httpx
 import pytest
 import requests
 
-from conftest import basic_config, raw_exchange, wait_port
+from conftest import basic_config, raw_exchange
 
 
 _leftover: dict[int, bytes] = {}
