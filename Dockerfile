@@ -20,6 +20,9 @@ WORKDIR /var/lib/fastgate
 # unless an operator publishes it on purpose (--admin-listen 0.0.0.0:9901).
 EXPOSE 8080
 STOPSIGNAL SIGTERM
+# Liveness from inside the container, on the loopback admin port (no token needed).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"
 ENTRYPOINT ["fastgate"]
 # Mount a config at /etc/fastgate/gateway.toml and run:
 #   docker run ... fastgate run --config /etc/fastgate/gateway.toml --listen 0.0.0.0:8080
