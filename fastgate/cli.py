@@ -114,8 +114,11 @@ def cmd_run(args) -> int:
             token_note = _embedded_admin_token(data_dir, config.admin.token_env)
             banner = [token_note,
                 f"fastgate: embedded default config: data dir {os.path.abspath(data_dir)}, "
-                f"route '/' -> built-in demo upstream 127.0.0.1:{demo_port} (auth = none)",
-                "fastgate: next: curl the address above; to add routes, write a gateway.toml "
+                f"routes '/' (open) and '/secure' (API key, plan 'demo') -> built-in demo upstream "
+                f"127.0.0.1:{demo_port}",
+                "fastgate: next: curl the address above; make a key with "
+                f"`fastgate keys create --name me --plan demo --admin http://{config.admin.listen}` "
+                "and send it as x-api-key to /secure; for your own routes write a gateway.toml "
                 "(see README) and run: fastgate run --config gateway.toml",
             ]
     except ConfigError as exc:

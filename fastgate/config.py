@@ -449,11 +449,16 @@ def load_config(path: str) -> Config:
 
 
 def default_config(data_dir: str, demo_port: int) -> Config:
-    """The embedded default: one open route to the built-in demo upstream."""
+    """The embedded default: the built-in demo upstream behind an open route
+    ('/') and a key route ('/secure'), so the quick start shows both."""
     return Config(
         keys=KeysConfig(store=os.path.join(data_dir, "keys.db")),
+        plans={"demo": PlanConfig(limits=["10/second", "1000/day"])},
         upstreams=[UpstreamConfig(name="demo", targets=[f"127.0.0.1:{demo_port}"])],
-        routes=[RouteConfig(name="demo", path="/", upstream="demo", auth="none")],
+        routes=[
+            RouteConfig(name="demo", path="/", upstream="demo", auth="none"),
+            RouteConfig(name="secure", path="/secure", upstream="demo", auth="key"),
+        ],
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,9 +145,10 @@ def test_killed_worker_is_replaced(start_gateway, upstream):
 
 def test_embedded_default_starts_and_proxies_to_demo(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastgate", "run", "--listen", "127.0.0.1:0", "--workers", "2",
-         "--data-dir", str(tmp_path / "data")],
+        [sys.executable, "-m", "fastgate", "run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--workers", "2", "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=str(tmp_path),
+        env={k: v for k, v in os.environ.items() if k != "FASTGATE_ADMIN_TOKEN"},  # use the token file
     )
     try:
         m, lines = _readline_with_deadline(proc, time.monotonic() + 30, r"listening on (http://127\.0\.0\.1:\d+)")
@@ -156,6 +158,15 @@ def test_embedded_default_starts_and_proxies_to_demo(tmp_path):
         assert body["service"] == "fastgate demo upstream"
         assert body["path"] == "/hello"
         assert (tmp_path / "data").is_dir()
+        # The key route of the embedded default, with the token it wrote.
+        assert httpx.get(url + "/secure/x", timeout=5).status_code == 401
+        admin = next(m.group(1) for line in lines if (m := re.search(r"admin API on (http://\S+)", line)))
+        token = (tmp_path / "data" / "admin.token").read_text().strip()
+        assert oct((tmp_path / "data" / "admin.token").stat().st_mode & 0o777) == "0o600"
+        key = httpx.post(admin + "/keys", json={"name": "me", "plan": "demo"}, timeout=5,
+                         headers={"Authorization": f"Bearer {token}"}).json()["key"]
+        r = httpx.get(url + "/secure/x", headers={"x-api-key": key}, timeout=5)
+        assert r.status_code == 200 and r.headers["ratelimit-limit"] == "10"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
