@@ -29,7 +29,6 @@ bench/macro/full_chain.py (key stores, nginx map/limit_req/deny config).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -48,8 +47,8 @@ from pathlib import Path
 
 from bench.macro import full_chain as fc
 from bench.macro.full_chain import (
-    BODY, CLK_TCK, PLAN_LIMIT, PROXY, RESULTS, ROOT, Gateway, Server, children, core_times, free_port, git,
-    nginx_chain, nginx_conf, parse_wrk, sample, tail, wait_port,
+    BODY, CLK_TCK, PLAN_LIMIT, PROXY, RESULTS, ROOT, Gateway, Server, children, core_times, free_port,
+    nginx_chain, nginx_conf, parse_wrk, report_header, sample, tail, wait_port,
 )
 
 SCENARIOS = ("plain", "key", "rate", "full")
@@ -557,13 +556,8 @@ def main(argv=None) -> int:
             srv.stop()
         progress.stop()
 
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
     report = {
-        "benchmark": "suite",
-        "commit": sha,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "fastgate")),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **report_header("suite", machine()),
         "settings": {
             "generator": generator, "nginx": with_nginx, "duration_s": args.duration, "warmup_s": args.warmup,
             "runs": args.runs, "connections": args.connections, "load_cpus": load_cores,
@@ -577,7 +571,7 @@ def main(argv=None) -> int:
         "figures": figures,
         "runs": [asdict(r) for r in runs],
     }
-    out = args.output or RESULTS / f"{sha}-suite.json"
+    out = args.output or RESULTS / f"{report['commit']}-suite.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(figures, generator))

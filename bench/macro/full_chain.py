@@ -32,7 +32,6 @@ on 127.0.0.1, lives in a temporary directory and is stopped on exit.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import ipaddress
 import json
 import os
@@ -52,8 +51,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy_vs_nginx import (  # noqa: E402
-    BODY, CLK_TCK, RESULTS, ROOT, Run, Server, _seconds, children, core_times, cpu_ticks, free_port, git,
-    machine, nginx_conf, parse_wrk, require_tools, tail, taskset, wait_port,
+    BODY, CLK_TCK, RESULTS, ROOT, Run, Server, _seconds, children, core_times, cpu_ticks, free_port,
+    machine,  # noqa: F401 (bench.suite reads it as full_chain.machine)
+    nginx_conf, parse_wrk, report_header, require_tools, tail, taskset, wait_port,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -589,13 +589,8 @@ def main(argv=None) -> int:
                             "cpu_us_delta": fig[label("fastgate", n)]["cpu_us_per_req"] - plain["cpu_us_per_req"]}
             for n in args.key_counts}
 
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
     report = {
-        "benchmark": "full_chain",
-        "commit": sha,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "fastgate")),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **report_header("full_chain"),
         "settings": {
             "duration_s": args.duration, "runs": args.runs, "connections": args.connections, "wrk_threads": 1,
             "gateway_core": args.gateway_core, "load_core": args.load_core, "workers": 1,
@@ -609,7 +604,7 @@ def main(argv=None) -> int:
         "ratio": ratios,
         "runs": [asdict(r) for r in runs],
     }
-    out = args.output or RESULTS / f"{sha}-full-chain.json"
+    out = args.output or RESULTS / f"{report['commit']}-full-chain.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(tables(fig, ratios))

@@ -317,6 +317,18 @@ def git(*args: str) -> str:
         return ""
 
 
+def report_header(benchmark: str, machine_info: dict | None = None) -> dict:
+    """What every results JSON starts with: which benchmark, which commit (and
+    whether fastgate/ had uncommitted changes), when, on what machine."""
+    return {
+        "benchmark": benchmark,
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "fastgate")),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info if machine_info is not None else machine(),
+    }
+
+
 def machine() -> dict:
     cpu = ""
     try:
@@ -461,13 +473,8 @@ def main(argv=None) -> int:
         "rps": fig["fastgate"]["rps"] / fig["nginx"]["rps"],
         "cpu_us_per_req": fig["fastgate"]["cpu_us_per_req"] / fig["nginx"]["cpu_us_per_req"],
     }
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
     report = {
-        "benchmark": "proxy_vs_nginx",
-        "commit": sha,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "fastgate")),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **report_header("proxy_vs_nginx"),
         "settings": {
             "duration_s": args.duration, "runs": args.runs, "connections": args.connections, "wrk_threads": 1,
             "gateway_core": args.gateway_core, "load_core": args.load_core, "workers": 1,
@@ -476,7 +483,7 @@ def main(argv=None) -> int:
         "figures": fig,
         "runs": [asdict(r) for r in runs],
     }
-    out = args.output or RESULTS / f"{sha}-proxy.json"
+    out = args.output or RESULTS / f"{report['commit']}-proxy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(fig))
