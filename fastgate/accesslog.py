@@ -16,29 +16,11 @@ import time
 
 import msgspec
 
+from .errors import STAGE_OF  # noqa: F401  (re-exported: which stage answered)
+
 log = logging.getLogger("fastgate.accesslog")
 
 FLUSH_BYTES = 64 * 1024
-# Which pipeline stage answered, from the error code of a local reply.
-STAGE_OF = {
-    "bad_request": "parse",
-    "headers_too_large": "parse",
-    "uri_too_long": "parse",
-    "http_version_not_supported": "parse",
-    "request_timeout": "parse",
-    "body_too_large": "limits",
-    "no_route": "route",
-    "method_not_allowed": "route",
-    "ip_denied": "ip",
-    "key_missing": "key",
-    "key_invalid": "key",
-    "key_expired": "key",
-    "scope_denied": "scope",
-    "rate_limited": "rate",
-    "upstream_unavailable": "upstream",
-    "upstream_timeout": "upstream",
-    "internal_error": "internal",
-}
 
 
 class AccessRecord(msgspec.Struct, gc=False, omit_defaults=True):

@@ -22,24 +22,34 @@ class ConfigError(FastgateError):
         return "\n".join(f"{self.source}: {path}: {msg}" for path, msg in self.problems)
 
 
-# Error codes of the public contract (DESIGN.md "Errors are JSON") plus the few
-# the HTTP layer needs that DESIGN does not list; each maps to one status.
-ERROR_STATUS: dict[str, int] = {
-    "bad_request": 400,
-    "key_missing": 401,
-    "key_invalid": 401,
-    "key_expired": 401,
-    "ip_denied": 403,
-    "scope_denied": 403,
-    "no_route": 404,
-    "method_not_allowed": 405,
-    "request_timeout": 408,
-    "body_too_large": 413,
-    "uri_too_long": 414,
-    "rate_limited": 429,
-    "headers_too_large": 431,
-    "internal_error": 500,
-    "upstream_unavailable": 502,
-    "upstream_timeout": 504,
-    "http_version_not_supported": 505,
+# Every error code of the public contract (DESIGN.md "Errors are JSON" and its
+# Wave 2 additions): code -> (HTTP status, the pipeline stage that answers with
+# it). Local replies, the access log's ``decision``, metrics labels and the
+# admin API all read this one table.
+ERRORS: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "parse"),
+    "upgrade_refused": (400, "parse"),
+    "key_missing": (401, "key"),
+    "key_invalid": (401, "key"),
+    "key_expired": (401, "key"),
+    "ip_denied": (403, "ip"),
+    "scope_denied": (403, "scope"),
+    "key_suspended": (403, "key"),
+    "no_route": (404, "route"),
+    "method_not_allowed": (405, "route"),
+    "request_timeout": (408, "parse"),
+    "body_too_large": (413, "limits"),
+    "uri_too_long": (414, "parse"),
+    "rate_limited": (429, "rate"),
+    "credits_exhausted": (429, "rate"),
+    "headers_too_large": (431, "parse"),
+    "internal_error": (500, "internal"),
+    "upstream_unavailable": (502, "upstream"),
+    "upstream_cut": (502, "upstream"),
+    "overloaded": (503, "upstream"),
+    "store_unavailable": (503, "store"),
+    "upstream_timeout": (504, "upstream"),
+    "http_version_not_supported": (505, "parse"),
 }
+ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERRORS.items()}
+STAGE_OF: dict[str, str] = {code: stage for code, (_, stage) in ERRORS.items()}
