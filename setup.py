@@ -1,4 +1,5 @@
-"""Build the one compiled module, fastgate._core, from fastgate/_core.pyx.
+"""Build the compiled modules: fastgate._core (shared-memory core) and
+fastgate._http (the strict request parser).
 
 Options (env vars, since PEP 517 frontends do not pass build_ext flags):
   FASTGATE_DEBUG=1     annotate + linetrace + -DFASTGATE_DEBUG (counts crossings)
@@ -24,17 +25,18 @@ if Cython.__version__ != CYTHON_REQUIRED and not os.environ.get("FASTGATE_ANY_CY
 debug = bool(os.environ.get("FASTGATE_DEBUG"))
 macros = [("FASTGATE_DEBUG", "1"), ("CYTHON_TRACE", "1")] if debug else []
 
-ext = Extension(
-    "fastgate._core",
-    ["fastgate/_core.pyx"],
-    include_dirs=["fastgate/includes"],
-    define_macros=macros,
-    extra_compile_args=["-O2", "-fno-strict-aliasing"] + ([] if debug else ["-DNDEBUG"]),
-)
+cflags = ["-O2", "-fno-strict-aliasing"] + ([] if debug else ["-DNDEBUG"])
+exts = [
+    # the shared-memory core: keys, rate counters, CIDR sets
+    Extension("fastgate._core", ["fastgate/_core.pyx"], include_dirs=["fastgate/includes"],
+              define_macros=macros, extra_compile_args=cflags),
+    # the strict HTTP/1.1 request parser (our own; llhttp is only the test oracle)
+    Extension("fastgate._http", ["fastgate/_http.pyx"], define_macros=macros, extra_compile_args=cflags),
+]
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        exts,
         language_level=3,
         annotate=debug,
         compiler_directives={
