@@ -22,4 +22,4 @@ bench-micro:        ## core micro-benchmarks
 	$(PY) -m pytest bench/micro --benchmark-only
 
 clean:
-	rm -rf build fastgate/_core.c fastgate/_core.html fastgate/*.so .pytest_cache .hypothesis
+	rm -rf build fastgate/_core.c fastgate/_core.html fastgate/_http.c fastgate/_http.html fastgate/*.so .pytest_cache .hypothesis

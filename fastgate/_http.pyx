@@ -175,7 +175,8 @@ cdef class Head:
     cdef readonly bytes xfp           # X-Forwarded-Proto from a trusted proxy, or None
     cdef readonly bytes xfh           # X-Forwarded-Host from a trusted proxy, or None
     cdef readonly bytes request_id    # X-Request-ID as sent, or None
-    cdef readonly bytes method_override
+    cdef readonly bytes method_override        # the first method-override field's value
+    cdef readonly tuple method_override_field  # (lower-case name, name, value) of that field
     cdef readonly list conn_tokens    # other tokens named in Connection, or None
     cdef readonly int nfields         # field lines in the head
     cdef readonly int seq             # 1, 2, ... per connection
@@ -608,6 +609,7 @@ cdef class RequestParser:
             elif fid == F_OVERRIDE:
                 if h.method_override is None:
                     h.method_override = PyBytes_FromStringAndSize(<const char *>line + v0, v1 - v0)
+                    h.method_override_field = (lname, name, h.method_override)
             elif fid == F_CLIENT_ADDR:
                 if self.trusted:
                     headers.append((lname, name, PyBytes_FromStringAndSize(<const char *>line + v0, v1 - v0)))

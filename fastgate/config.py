@@ -85,19 +85,30 @@ class ServerConfig(Base):
     listen: str = "127.0.0.1:8080"
     workers: Annotated[int, Meta(ge=0, le=256)] = 0  # 0 = one per CPU (at most 256)
     drain_timeout: Seconds = 30.0  # SIGTERM: how long in-flight requests may take
-    header_timeout: Seconds = 10.0  # slowloris: whole request head must arrive in this
-    body_timeout: Seconds = 30.0  # longest gap between two pieces of a request body
-    keepalive_timeout: Seconds = 60.0  # idle client connection is closed after this
-    max_header_bytes: Size = "16k"  # request line + headers, else 431
-    max_headers: Annotated[int, Meta(ge=1, le=10_000)] = 100  # else 431
+    header_timeout: Seconds = 10.0  # the whole request head must arrive in this; an unused connection is closed
+    body_timeout: Seconds = 30.0  # a request body must keep up min_body_rate over each window this long
+    min_body_rate: Size = "1k"  # bytes/s, averaged over body_timeout (0: only require some progress)
+    keepalive_timeout: Seconds = 60.0  # idle client connection is closed (silently) after this
+    # The head is bounded by bytes, as nginx bounds it (its default is 4 x 8k
+    # buffers), so real traffic with many small fields fits; the field count is
+    # a second, generous bound on per-field work (512 fields: 100 ordinary ones
+    # plus Host and the key fit five times over).
+    max_header_bytes: Size = "32k"  # header field lines, else 431
+    max_headers: Annotated[int, Meta(ge=1, le=10_000)] = 512  # header field lines, else 431
     max_url_bytes: Size = "8k"  # else 414
     max_body_bytes: Size = "100m"  # default per route, else 413; 0 = unlimited
+    # Bodies up to this are read and validated whole before any byte goes
+    # upstream (nginx's proxy_request_buffering); larger ones stream.
+    request_buffer: Size = "64k"
+    underscores_in_headers: bool = False  # False: fields with '_' in the name are dropped (nginx's default)
+    forwarded_header: bool = False  # also send an RFC 7239 Forwarded field upstream
+    max_connections: Annotated[int, Meta(ge=0)] = 0  # per worker; 0 = from RLIMIT_NOFILE minus a reserve
     backlog: Annotated[int, Meta(ge=1)] = 2048
 
     def __post_init__(self):
         problems: list[str] = []
         _check(problems, "listen", parse_hostport, self.listen)
-        for field in ("max_header_bytes", "max_url_bytes", "max_body_bytes"):
+        for field in ("max_header_bytes", "max_url_bytes", "max_body_bytes", "request_buffer", "min_body_rate"):
             try:
                 setattr(self, field, parse_size(getattr(self, field)))
             except ValueError as exc:
@@ -178,6 +189,14 @@ class RouteConfig(Base):
     strip_path: bool = False  # True: the matched prefix is removed before proxying
     key_query_param: str | None = None  # opt-in: accept the key from ?PARAM=
     ip_limits: list[str] = []  # per client address, e.g. ["100/minute"] (for auth = "none" routes)
+    request_buffer: Size | None = None  # None = server.request_buffer
+    # Honour X-HTTP-Method-Override / X-HTTP-Method / X-Method-Override: the
+    # overridden method is then the one routes and key scopes are checked
+    # against, and the field goes upstream. Off: the fields are removed.
+    method_override: bool = False
+    # Refuse %252e / %252f / %255c (double-encoded '.', '/', '\') with 400.
+    # None: refused on key routes, forwarded on open ones.
+    reject_double_encoding: bool | None = None
 
     def __post_init__(self):
         from .server.http1 import normalise_path
@@ -197,11 +216,12 @@ class RouteConfig(Base):
                 problems.append(f"methods[{i}]: expected an upper-case HTTP method, found {method!r}")
         if self.host is not None:
             self.host = self.host.lower()
-        if self.max_body_bytes is not None:
-            try:
-                self.max_body_bytes = parse_size(self.max_body_bytes)
-            except ValueError as exc:
-                problems.append(f"max_body_bytes: {exc}")
+        for field in ("max_body_bytes", "request_buffer"):
+            if getattr(self, field) is not None:
+                try:
+                    setattr(self, field, parse_size(getattr(self, field)))
+                except ValueError as exc:
+                    problems.append(f"{field}: {exc}")
         for i, limit in enumerate(self.ip_limits):
             _check(problems, f"ip_limits[{i}]", parse_limit, limit)
         _raise_all(problems)

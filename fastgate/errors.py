@@ -50,6 +50,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "store"),
     "upstream_timeout": (504, "upstream"),
     "http_version_not_supported": (505, "parse"),
+    # never sent: how the access log and metrics name an exchange whose client
+    # went away before its answer (nginx's 499)
+    "client_closed": (499, "client"),
 }
 ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERRORS.items()}
 STAGE_OF: dict[str, str] = {code: stage for code, (_, stage) in ERRORS.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http
 import re
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 
@@ -69,6 +70,25 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 # that the path we authorise is the path the upstream acts on.
 _DECODE_ALSO = frozenset(b"/\\")
 _NEEDS_WORK = re.compile(rb"%|/\.|//|\\|\x00")
+# Encoded control characters: no API needs them in a path, and back ends that
+# decode them can be led into log, header or path confusion.
+_CTL = re.compile(rb"[\x00-\x1f\x7f]")
+# A '.' or '..' segment dressed so that we do not resolve it but a back end
+# may: a path parameter (Tomcat and Spring resolve '/a/..;/b' to '/b'), an
+# encoded ';', or whitespace/controls around it ('..%20', '..%09').
+_WS_CTL = bytes(range(0x21)) + b"\x7f"
+
+
+def _dressed_dot(seg: bytes) -> bool:
+    d = unquote_to_bytes(seg)
+    core = d.split(b";", 1)[0].strip(_WS_CTL)
+    return (core == b"." or core == b"..") and d != core
+_DOUBLE = re.compile(rb"%25(?:2[EeFf]|5[Cc])")
+
+
+def double_encoded(path: bytes) -> bool:
+    """A normalised path holds a double-encoded '.', '/' or '\\' (%252e ...)."""
+    return b"%25" in path and _DOUBLE.search(path) is not None
 
 
 def normalise_path(path: bytes) -> bytes | None:
@@ -78,6 +98,11 @@ def normalise_path(path: bytes) -> bytes | None:
     - encoded '/' and '\\', and a raw '\\', become '/' (no escape from a scope by
       ``..%2f`` or a backslash the upstream might treat as a separator);
     - repeated slashes collapse; '.' and '..' segments are resolved (never above '/').
+
+    Refused (None), because back ends resolve them differently from us: an
+    encoded control character; a decoded path that is not valid UTF-8
+    (overlong forms like %C0%AE included); a dot segment with a path parameter,
+    an encoded ';', or whitespace around it.
     """
     if not path.startswith(b"/"):
         return None
@@ -111,7 +136,18 @@ def normalise_path(path: bytes) -> bytes | None:
         else:
             out.append(c)
             i += 1
+    decoded = unquote_to_bytes(bytes(out))
+    if _CTL.search(decoded) is not None:
+        return None
+    if not decoded.isascii():
+        try:
+            decoded.decode("utf-8")  # strict: overlong forms and surrogates fail
+        except UnicodeDecodeError:
+            return None
     segments = bytes(out).split(b"/")
+    for seg in segments:
+        if b"." in seg and seg != b"." and seg != b".." and _dressed_dot(seg):
+            return None
     trailing = segments[-1] in (b"", b".", b"..")
     stack: list[bytes] = []
     for seg in segments:

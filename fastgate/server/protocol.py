@@ -1,63 +1,79 @@
 """HOT PATH. The client side: one asyncio Protocol per client connection.
 
-httptools parses; this class turns each request into an ``Exchange``, runs the
-decision pipeline, and streams the request to an ``UpstreamConn`` and the
-response back, with backpressure both ways (never buffering a body whole).
+fastgate._http parses each read whole into a batch of events; this class turns
+each request into an ``Exchange``, runs the decision pipeline, and streams the
+request to an ``UpstreamConn`` and the response back, with backpressure both
+ways.
+
+What reaches an upstream, and when:
+- Nothing of a request the parser refuses. A read is parsed whole before any
+  event is acted on, so a head whose own read also holds a framing error is
+  never dispatched.
+- A body up to ``request_buffer`` is read and validated whole before the
+  upstream is even chosen (nginx's ``proxy_request_buffering``); a chunked one
+  then goes upstream with a Content-Length. A larger body streams (re-chunked
+  by us when chunked); a framing error found later resets the upstream
+  connection (SO_LINGER 0), so it can never take the body for complete, and
+  that connection is never pooled.
+- Bytes after the head of a WebSocket upgrade are held until the 101.
 
 Pipelined requests are queued in arrival order and answered in that order; at
 most one exchange per connection talks to an upstream at a time.
+
+Timers (one deadline per connection, swept by the worker): a connection that
+never sent a byte of a request, or an idle keep-alive one, is closed silently;
+a head that does not complete in ``header_timeout`` gets 408; a body must
+arrive at ``min_body_rate`` on average over each ``body_timeout`` window
+(a trickle gets 408 within one window).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
+import time
 from collections import deque
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
-
-from ..upstream.client import FRAME_CHUNKED, FRAME_CLOSE, FRAME_LENGTH, FRAME_NONE, UpstreamConn
+from .._http import EV_BODY, EV_END, EV_ERROR, EV_HEAD, EV_UPGRADE, RequestParser
 from ..errors import ERROR_STATUS
 from ..ipfilter import pack_ip
-from .http1 import HOP_BY_HOP, error_reply, normalise_path, status_line
+from ..upstream.client import FRAME_CHUNKED, FRAME_CLOSE, FRAME_LENGTH, FRAME_NONE, UpstreamConn
+from .http1 import error_reply, normalise_path, status_line
 
 log = logging.getLogger("fastgate.worker")
-
-# Request headers the gateway reads or rewrites itself (lower-case).
-H_HOST = b"host"
-H_CONNECTION = b"connection"
-H_CONTENT_LENGTH = b"content-length"
-H_TRANSFER_ENCODING = b"transfer-encoding"
-H_EXPECT = b"expect"
-H_UPGRADE = b"upgrade"
-H_XFF = b"x-forwarded-for"
-H_XFP = b"x-forwarded-proto"
-H_XFH = b"x-forwarded-host"
-H_RID = b"x-request-id"
-H_AUTHORIZATION = b"authorization"
-
-# Not forwarded as received: hop-by-hop, framing we redo, headers we set.
-_REQ_MANAGED = HOP_BY_HOP | {H_HOST, H_CONTENT_LENGTH, H_EXPECT, H_XFF, H_XFP, H_XFH, H_RID}
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Backpressure: pause the peer's reading when a transport holds this much.
 WRITE_HIGH = 256 * 1024
-# Bytes httptools may buffer for one unfinished head before we refuse it
-# (precise limits are checked on whole url/header pieces in the callbacks).
-_HEAD_SLACK = 256 * 1024
 # Lingering close: discard input for at most this long, or until quiet this long.
 LINGER_TOTAL = 5.0
 LINGER_QUIET = 0.5
 
+# What the connection's one deadline is for.
+K_NONE = 0  # no timer (an exchange is with the upstream, which has its own)
+K_HEAD = 1  # a head is arriving (or nothing yet on a fresh connection)
+K_BODY = 2  # a body is arriving: a min_body_rate window
+K_IDLE = 3  # idle keep-alive
+K_LINGER = 4  # lingering close
 
-class Reject(Exception):
-    """Raised inside an httptools callback to stop parsing with a reply."""
+_RST = struct.pack("ii", 1, 0)
+now_ns = time.perf_counter_ns  # latencies: a monotonic clock with µs resolution
 
-    def __init__(self, code: str, message: str):
-        self.code = code
-        self.message = message
+
+def reset(transport) -> None:
+    """Abort with a TCP RST (SO_LINGER 0): the peer sees a reset, never an
+    orderly end it could take for the end of a message."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+        except OSError:
+            pass
+    transport.abort()
 
 
 class Exchange:
@@ -65,6 +81,7 @@ class Exchange:
 
     __slots__ = (
         "conn",
+        "head",
         "method",
         "path",
         "query",
@@ -82,6 +99,10 @@ class Exchange:
         "body_buf",
         "body_done",
         "body_seen",
+        "streaming",
+        "waiting",
+        "continued",
+        "up_chunked",
         "up",
         "up_head",
         "resp_started",
@@ -95,7 +116,6 @@ class Exchange:
         "t0",
         "t_head",
         "bytes_out",
-        "decision",
         "error",
         "key",
         "client",
@@ -103,27 +123,49 @@ class Exchange:
         "key_index",
     )
 
-    def __init__(self, conn):
+    def __init__(self, conn, h, path: bytes, request_id: str):
         self.conn = conn
+        self.head = h
+        self.method = h.method
+        self.path = path
+        self.query = h.query
+        self.version = "1.1" if h.version == 11 else "1.0"
+        self.keep_alive = h.keep_alive
+        self.request_id = request_id
         self.route = None
+        self.host = h.host
+        headers = h.headers
+        tokens = h.conn_tokens
+        if tokens:  # fields named in Connection are hop-by-hop too
+            drop = set(tokens)
+            headers = [f for f in headers if f[0] not in drop]
+        self.headers = headers
+        self.chunked = h.chunked
+        self.length = h.length if h.length >= 0 else None
+        self.expect = h.expect_continue and h.version == 11
+        self.upgrade = h.upgrade
+        self.xff = h.xff
         self.body_buf = None
-        self.body_done = False
+        self.body_done = not (h.chunked or h.length > 0)
         self.body_seen = 0
+        self.streaming = False  # the body goes upstream as it arrives
+        self.waiting = False  # admitted; waits for its whole body before the upstream
+        self.continued = False  # 100 Continue sent
+        self.up_chunked = False  # the upstream gets chunked framing from us
         self.up = None
-        self.up_head = None
+        self.up_head = None  # the pending connect, while there is one
         self.resp_started = False
         self.resp_frame = FRAME_NONE
         self.retried = False
         self.status = 0
         self.done = False
-        self.tunnel_buf = None
+        self.tunnel_buf = [] if h.upgrade is not None else None
         self.identity = None
         self.resp_extra = b""
-        self.t0 = conn.w.now_precise()
-        self.t_head = 0.0
+        self.t0 = now_ns()
+        self.t_head = 0
         self.bytes_out = 0
-        self.decision = None  # the stage that answered locally, for the log
-        self.error = None
+        self.error = None  # the error code of a local reply, or how the exchange broke
         self.key = None  # (key_id, owner, plan) once a key is accepted
         self.client = None
         self.target = None
@@ -137,18 +179,17 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "peer",
         "closed",
-        "url",
-        "headers",
-        "head_bytes",
-        "head_raw",
-        "in_head",
-        "parsing",
         "active",
+        "parsing",
+        "tunnel_ex",
         "queue",
         "deadline",
         "deadline_kind",
+        "body_bytes",
+        "idle_since",
         "upgraded",
         "write_paused",
+        "read_paused",
         "trusted",
         "pending_reject",
         "out",
@@ -163,18 +204,17 @@ class ClientConnection(asyncio.Protocol):
         self.parser = None
         self.peer = "0.0.0.0"
         self.closed = False
-        self.url = b""
-        self.headers = []
-        self.head_bytes = 0
-        self.head_raw = 0
-        self.in_head = True
-        self.parsing = None
-        self.active = None
+        self.active = None  # the exchange being answered
+        self.parsing = None  # the exchange whose body the parser is in
+        self.tunnel_ex = None  # an upgrade exchange holding bytes for its tunnel
         self.queue = None
         self.deadline = 0.0
-        self.deadline_kind = 0
+        self.deadline_kind = K_NONE
+        self.body_bytes = 0  # body bytes received in the current rate window
+        self.idle_since = 0.0
         self.upgraded = None
         self.write_paused = False
+        self.read_paused = 0  # bit 1: upstream backpressure, 2: pipelining queue, 4: held body
         self.trusted = False
         self.pending_reject = None
         # While an upstream read is being parsed, writes to this client are
@@ -187,17 +227,28 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        w = self.w
+        if len(w.conns) >= w.max_connections and not w.shed_idle():
+            # At the cap with nothing idle to close: refuse, counted and logged.
+            self.closed = True
+            w.refuse_connection(transport)
+            return
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = peer[0]
         self.peer_packed = pack_ip(self.peer)
-        w = self.w
         self.trusted = w.is_trusted(self.peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self.parser = HttpRequestParser(self)
+        s = w.s
+        self.parser = RequestParser(
+            max_url=s.max_url_bytes, max_head=s.max_header_bytes, max_fields=s.max_headers,
+            max_trailers=min(s.max_headers, 64), max_trailer_bytes=min(s.max_header_bytes, 8192),
+            key_header=w.key_header, trusted=self.trusted, underscores=s.underscores_in_headers,
+        )
         w.conns.add(self)
-        self.deadline = w.now + w.s.header_timeout
-        self.deadline_kind = 1
+        # A connection that never sends a byte is closed, silently, after this.
+        self.deadline = w.now + s.header_timeout
+        self.deadline_kind = K_HEAD
 
     def data_received(self, data):
         if self.upgraded is not None:
@@ -206,66 +257,65 @@ class ClientConnection(asyncio.Protocol):
         if self.discarding:
             self.deadline = min(self.w.now + LINGER_QUIET, self.linger_end)
             return
-        ex = self.active
-        if ex is not None and ex.tunnel_buf is not None:
-            ex.tunnel_buf.append(data)
+        if self.closed:
             return
-        if self.in_head:
-            # The precise limits are checked on whole pieces in on_url/on_header;
-            # this bounds what httptools buffers for a line that never ends. A
-            # chunk holding the end of the head may also hold body bytes, so it
-            # is only judged by the hard cap.
-            self.head_raw = n = self.head_raw + len(data)
-            s = self.w.s
-            if self.deadline_kind == 3:
-                # An idle keep-alive connection starts a new request head.
-                self.deadline = self.w.now + s.header_timeout
-                self.deadline_kind = 1
-            if n > s.max_header_bytes + s.max_url_bytes and (
-                n > s.max_header_bytes + _HEAD_SLACK or (b"\r\n\r\n" not in data and data[:1] != b"\n")
-            ):
-                self.reject_now("headers_too_large", "request head exceeds the size limit")
-                return
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            ex = self.parsing_or_last()
-            if ex is not None and ex.upgrade is not None:
-                ex.tunnel_buf = [data[exc.args[0]:]]
-            else:
-                self.reject_now("bad_request", "unexpected upgrade")
-        except HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, Reject):
-                self.reject_now(cause.code, cause.message)
-            else:
-                log.exception("bug while parsing a request", exc_info=cause)
-                self.reject_now("internal_error", "internal error")
-        except HttpParserError as exc:
-            if str(exc) == "Invalid HTTP version":
-                self.reject_now("http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are supported")
-            else:
-                self.reject_now("bad_request", f"malformed request: {exc}")
+        events = self.parser.feed(data)
+        if events:
+            self.on_events(events)
+        if not self.closed:
+            self.arm()
 
-    def parsing_or_last(self):
-        if self.queue:
-            return self.queue[-1]
-        return self.active
+    def on_events(self, events: list) -> None:
+        n = len(events)
+        # The parser stops at an error, so it is last; the head it belongs to (if
+        # it came in this same read) is never dispatched.
+        doomed = events[n - 1][2] if events[n - 2] == EV_ERROR else 0
+        i = 0
+        while i < n:
+            kind = events[i]
+            value = events[i + 1]
+            i += 2
+            if kind == EV_BODY:
+                self.on_body(value)
+            elif kind == EV_HEAD:
+                if value.seq != doomed:
+                    self.on_head(value)
+            elif kind == EV_END:
+                self.on_end()
+            elif kind == EV_UPGRADE:
+                self.hold_for_tunnel(value)
+            else:
+                self.reject_now(value[0], value[1])
+            if self.closed:
+                return
 
     def connection_lost(self, exc):
+        was_closed = self.closed
         self.closed = True
-        self.w.conns.discard(self)
+        w = self.w
+        w.conns.discard(self)
         if self.upgraded is not None:
             self.upgraded.transport.close()
             return
         ex = self.active
         self.active = None
         self.queue = None
-        if ex is not None and ex.up is not None:
-            up = ex.up
+        if ex is None:
+            return
+        up = ex.up
+        if up is not None:
             ex.up = None
             up.ex = None
-            up.transport.abort()
+            reset(up.transport)
+        if not ex.done and not was_closed:
+            # The client went away mid-exchange: still one log line.
+            ex.done = True
+            ex.error = "client_closed"
+            if not ex.status:
+                ex.status = 499
+            w.account(ex)
+            if w.access is not None:
+                w.log_exchange(ex)
 
     def pause_writing(self):
         self.write_paused = True
@@ -285,170 +335,168 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and ex.up is not None and not ex.up.closed:
             ex.up.transport.resume_reading()
 
-    # -- httptools callbacks ---------------------------------------------
-    def on_url(self, url):
-        self.url += url
-        if len(self.url) > self.w.s.max_url_bytes:
-            raise Reject("uri_too_long", "request target exceeds the URL length limit")
+    # -- reading, paused for several reasons at once --------------------------
+    def pause_reading(self, why: int) -> None:
+        if not self.read_paused and not self.closed:
+            self.transport.pause_reading()
+        self.read_paused |= why
+        if self.deadline_kind == K_BODY:
+            self.deadline_kind = K_NONE  # our pause is not the client's slowness
 
-    def on_header(self, name, value):
-        self.headers.append((name, value))
-        self.head_bytes += len(name) + len(value) + 4
-        s = self.w.s
-        if self.head_bytes > s.max_header_bytes:
-            raise Reject("headers_too_large", "request headers exceed the size limit")
-        if len(self.headers) > s.max_headers:
-            raise Reject("headers_too_large", "too many request headers")
-
-    def on_headers_complete(self):
-        self.in_head = False
-        self.head_raw = 0
-        if self.closed or self.pending_reject is not None:
+    def resume_reading(self, why: int) -> None:
+        if not self.read_paused & why:
             return
-        url = self.url
-        headers = self.headers
-        # Reset for the next message here: httptools then needs no on_message_begin.
-        self.url = b""
-        self.headers = []
-        self.head_bytes = 0
-        parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise Reject("http_version_not_supported", f"HTTP/{version} is not supported")
-        ex = Exchange(self)
-        ex.version = version
-        ex.method = parser.get_method()
-        ex.keep_alive = parser.should_keep_alive()
-        ex.request_id = self.w.next_request_id()
-        host = None
-        length = None
-        chunked = False
-        expect = None
-        upgrade = None
-        xff = None
-        rid_in = None
-        conn_tokens = None
-        fwd = []
-        for name, value in headers:
-            ln = name.lower()
-            if ln in _REQ_MANAGED:
-                if ln == H_HOST:
-                    if host is not None:
-                        raise Reject("bad_request", "more than one Host header")
-                    host = value
-                elif ln == H_CONTENT_LENGTH:
-                    length = int(value)
-                elif ln == H_TRANSFER_ENCODING:
-                    chunked = True
-                elif ln == H_EXPECT:
-                    expect = value.lower()
-                elif ln == H_UPGRADE:
-                    upgrade = value
-                elif ln == H_CONNECTION:
-                    conn_tokens = value.lower()
-                elif ln == H_XFF:
-                    xff = value if xff is None else xff + b", " + value
-                elif ln == H_RID:
-                    rid_in = value
-                continue
-            if ln[:11] == b"x-fastgate-":
-                continue  # identity headers are ours to set: never forwarded from a client
-            fwd.append((ln, name, value))
-        if host is None and version == "1.1":
-            raise Reject("bad_request", "HTTP/1.1 request without a Host header")
-        if conn_tokens is not None:
-            drop = {t.strip() for t in conn_tokens.split(b",")}
-            drop.discard(b"close")
-            drop.discard(b"keep-alive")
-            drop.discard(b"upgrade")
-            if drop:
-                fwd = [h for h in fwd if h[0] not in drop]
-        if upgrade is not None and not parser.should_upgrade():
-            upgrade = None
-        if url[:1] == b"/":
-            q = url.find(b"?")
-            if q < 0:
-                raw_path, ex.query = url, b""
-            else:
-                raw_path, ex.query = url[:q], url[q:]
-        else:
-            try:
-                u = parse_url(url)
-            except Exception:
-                raise Reject("bad_request", "request target is not a path or an absolute URL") from None
-            if not u.path:
-                raise Reject("bad_request", "request target is not a path or an absolute URL")
-            raw_path = u.path
-            ex.query = b"?" + u.query if u.query else b""
-            if u.host:
-                # Absolute form: its authority replaces Host (RFC 9112 §3.2.2).
-                host = u.host + b":%d" % u.port if u.port else u.host
-        path = normalise_path(raw_path)
+        self.read_paused &= ~why
+        if not self.read_paused and not self.closed:
+            self.transport.resume_reading()
+            self.arm()
+
+    # -- parser events ---------------------------------------------------------------
+    def on_head(self, h) -> None:
+        w = self.w
+        path = normalise_path(h.path)
         if path is None:
-            raise Reject("bad_request", "invalid request path")
-        ex.path = path
-        ex.host = host
-        ex.headers = fwd
-        ex.length = length
-        ex.chunked = chunked
-        ex.expect = expect
-        ex.upgrade = upgrade
-        ex.xff = xff
-        if rid_in is not None and self.trusted and 0 < len(rid_in) <= 200:
-            ex.request_id = rid_in.decode("latin-1")
-        if length is None and not chunked:
-            ex.body_done = True
-        self.parsing = ex
+            self.reject_now("bad_request", "invalid request path")
+            return
+        rid = h.request_id
+        if rid is not None and self.trusted and 0 < len(rid) <= 200 and rid.isascii():
+            request_id = rid.decode("latin-1")
+        else:
+            request_id = w.next_request_id()
+        ex = Exchange(self, h, path, request_id)
+        if not ex.body_done:
+            self.parsing = ex
+        if ex.tunnel_buf is not None:
+            self.tunnel_ex = ex
         if self.active is None:
             self.active = ex
-            self.deadline_kind = 2 if not ex.body_done else 0
-            self.deadline = self.w.now + self.w.s.body_timeout
-            self.w.handle(ex)
+            w.handle(ex)
         else:
-            if self.queue is None:
-                self.queue = deque()
-            self.queue.append(ex)
-            if len(self.queue) > 64:
-                self.transport.pause_reading()
+            q = self.queue
+            if q is None:
+                q = self.queue = deque()
+            q.append(ex)
+            if len(q) > 64:
+                self.pause_reading(2)
 
-    def on_body(self, body):
+    def on_body(self, body: bytes) -> None:
         ex = self.parsing
         if ex is None:
             return
-        w = self.w
-        self.deadline = w.now + w.s.body_timeout
-        ex.body_seen += len(body)
+        n = len(body)
+        self.body_bytes += n
+        ex.body_seen += n
+        if ex.done:
+            return  # answered already (a refusal): the rest is read and dropped
         route = ex.route
         if route is not None and ex.body_seen > route.max_body:
             self.body_too_large(ex)
             return
         up = ex.up
         if up is not None and ex.up_head is None:
-            up.deadline = w.now + up.target.read_timeout
-            if ex.chunked:
-                up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            up.deadline = self.w.now + up.target.read_timeout
+            if ex.up_chunked:
+                up.transport.writelines((b"%x\r\n" % n, body, b"\r\n"))
             else:
                 up.transport.write(body)
-        elif not ex.done:
-            if ex.body_buf is None:
-                ex.body_buf = []
-            ex.body_buf.append(body)
-            if ex.body_seen > WRITE_HIGH and ex.up is None:
-                # Waiting for an upstream connection: bound what we hold.
-                self.transport.pause_reading()
+            return
+        buf = ex.body_buf
+        if buf is None:
+            buf = ex.body_buf = []
+        buf.append(body)
+        if ex.waiting and ex.body_seen > route.request_buffer:
+            # Past what we buffer: from here the body streams.
+            ex.waiting = False
+            ex.streaming = True
+            self.w.send(ex)
+        elif ex.body_seen > WRITE_HIGH and ex.up is None:
+            # Held for a queued exchange or a pending connect: bound it.
+            self.pause_reading(4)
 
-    def on_message_complete(self):
-        self.in_head = True
+    def on_end(self) -> None:
         ex = self.parsing
         self.parsing = None
         if ex is None:
             return
         ex.body_done = True
-        if self.active is ex and self.deadline_kind == 2:
-            self.deadline_kind = 0
+        if ex.done:
+            return
+        if ex.waiting:
+            ex.waiting = False
+            self.w.send(ex)
+            return
         up = ex.up
-        if ex.chunked and up is not None and ex.up_head is None and not ex.done:
+        if up is not None and ex.up_head is None and ex.up_chunked:
             up.transport.write(b"0\r\n\r\n")
+
+    def hold_for_tunnel(self, data: bytes) -> None:
+        ex = self.tunnel_ex
+        if ex is None or ex.tunnel_buf is None:
+            return
+        ex.tunnel_buf.append(data)
+        if sum(map(len, ex.tunnel_buf)) > WRITE_HIGH:
+            self.pause_reading(4)
+
+    def continue_body(self, ex: Exchange) -> None:
+        """The request is admitted: a client waiting on Expect may send its body."""
+        if ex.expect and not ex.continued and not ex.body_done:
+            ex.continued = True
+            self.write(CONTINUE_100)
+
+    # -- timers ------------------------------------------------------------------------
+    def arm(self) -> None:
+        """Set the one deadline for what the connection is doing now."""
+        kind = self.deadline_kind
+        if kind == K_LINGER or self.closed:
+            return
+        p = self.parser
+        w = self.w
+        if p.in_body:
+            if kind != K_BODY and not self.read_paused:
+                self.deadline = w.now + w.s.body_timeout
+                self.body_bytes = 0
+                self.deadline_kind = K_BODY
+        elif p.head_pending:
+            if kind != K_HEAD:
+                self.deadline = w.now + w.s.header_timeout
+                self.deadline_kind = K_HEAD
+        elif self.active is None and not self.queue and self.upgraded is None:
+            if kind != K_IDLE and kind != K_HEAD:
+                self.deadline = w.now + w.s.keepalive_timeout
+                self.deadline_kind = K_IDLE
+                self.idle_since = w.now
+        elif kind != K_NONE:
+            self.deadline_kind = K_NONE
+
+    def on_timeout(self) -> None:
+        kind = self.deadline_kind
+        self.deadline_kind = K_NONE
+        if kind == K_HEAD:
+            if self.parser.head_pending:
+                self.reject_now("request_timeout", "request head not received in time")
+            elif self.active is None and not self.queue:
+                self.abort_silently()
+        elif kind == K_BODY:
+            s = self.w.s
+            if self.body_bytes and self.body_bytes >= s.min_body_rate * s.body_timeout:
+                self.body_bytes = 0
+                self.deadline = self.w.now + s.body_timeout
+                self.deadline_kind = K_BODY
+            else:
+                self.reject_now("request_timeout", "request body arrives too slowly")
+        elif kind == K_IDLE:
+            self.abort_silently()
+        elif kind == K_LINGER:
+            self.transport.close()
+
+    def abort_silently(self) -> None:
+        """Close a connection that has no request to answer: no bytes, no 408
+        that a client reusing the connection could take for its next answer."""
+        if self.closed:
+            return
+        self.closed = True
+        self.w.conns.discard(self)
+        self.transport.close()
 
     # -- replies ------------------------------------------------------------
     def reject_now(self, code: str, message: str) -> None:
@@ -459,15 +507,17 @@ class ClientConnection(asyncio.Protocol):
         broken = self.parsing
         self.parsing = None
         if ex is None:
-            rid = self.w.next_request_id()
+            w = self.w
+            rid = w.next_request_id()
             self.write(error_reply(code, message, rid, close=True))
-            self.w.count_status(ERROR_STATUS[code])
-            if self.w.access is not None:
-                self.w.log_refused(self, rid, code)
+            w.count_status(ERROR_STATUS[code])
+            if w.access is not None:
+                w.log_refused(self, rid, code)
             self.close(linger=True)
         elif broken is ex:
             # The active request's own body is malformed or too slow.
             ex.body_done = False
+            ex.waiting = False
             self.upstream_failed(ex, code, message)
         else:
             # Earlier requests are still being answered: stop reading, answer
@@ -475,7 +525,7 @@ class ClientConnection(asyncio.Protocol):
             if broken is not None and self.queue and self.queue[-1] is broken:
                 self.queue.pop()
             self.pending_reject = (code, message)
-            self.transport.pause_reading()
+            self.pause_reading(2)
 
     def write(self, data: bytes) -> None:
         out = self.out
@@ -512,7 +562,7 @@ class ClientConnection(asyncio.Protocol):
             w = self.w
             self.linger_end = w.now + LINGER_TOTAL
             self.deadline = w.now + LINGER_QUIET
-            self.deadline_kind = 4
+            self.deadline_kind = K_LINGER
             return
         self.transport.close()
 
@@ -533,39 +583,42 @@ class ClientConnection(asyncio.Protocol):
         self.finish(ex, close)
 
     def body_too_large(self, ex: Exchange) -> None:
-        ex.done = True
-        if ex.up is not None:
-            up = ex.up
+        ex.waiting = False
+        up = ex.up
+        if up is not None:
             ex.up = None
             up.ex = None
-            up.transport.abort()
+            reset(up.transport)
         if not ex.resp_started and self.active is ex:
             ex.body_done = False
             self.local_reply(ex, "body_too_large", f"request body exceeds {ex.route.max_body} bytes")
         else:
+            ex.done = True
             self.abort()
 
     # -- upstream side, called by UpstreamConn and the worker --------------
     def send_upstream(self, ex: Exchange, up: UpstreamConn, head: bytes) -> None:
-        """Write the head, whatever body arrived already, and then stream."""
-        w = self.w
-        if ex.expect == b"100-continue" and not ex.body_done and ex.version == "1.1":
-            self.write(CONTINUE_100)
-        parts = [head]
+        """Write the head and whatever body arrived already; the rest streams."""
+        self.continue_body(ex)
         buf = ex.body_buf
         if buf:
             ex.body_buf = None
-            if ex.chunked:
+            parts = [head]
+            if ex.up_chunked:
                 for b in buf:
                     parts += (b"%x\r\n" % len(b), b, b"\r\n")
             else:
                 parts += buf
-            if not self.closed:
-                self.transport.resume_reading()
-        if ex.chunked and ex.body_done:
-            parts.append(b"0\r\n\r\n")
+            if ex.up_chunked and ex.body_done:
+                parts.append(b"0\r\n\r\n")
+            data = b"".join(parts)
+            self.resume_reading(4)
+        elif ex.up_chunked and ex.body_done:
+            data = head + b"0\r\n\r\n"
+        else:
+            data = head
         ex.up_head = None
-        up.start(ex, b"".join(parts) if len(parts) > 1 else head, w.now)
+        up.start(ex, data, self.w.now)
         if self.write_paused:
             up.transport.pause_reading()
 
@@ -574,7 +627,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.status = status
         ex.resp_started = True
-        ex.t_head = self.w.loop.time()
+        ex.t_head = now_ns()
         head_only = ex.method == b"HEAD" or status == 204 or status == 304 or status == 101
         close = not ex.keep_alive or self.w.draining or (ex.upgrade is not None and status != 101)
         if status == 101:
@@ -635,7 +688,12 @@ class ClientConnection(asyncio.Protocol):
             up.reused = True
             up.target.put(up, self.w.now)
         elif not up.closed:
-            up.transport.close()
+            if ex.body_done:
+                up.transport.close()
+            else:
+                # The upstream answered before the whole body was sent: it must
+                # never take what it got for a complete request.
+                reset(up.transport)
         if ex is not self.active or self.closed:
             return
         if ex.resp_frame == FRAME_CHUNKED:
@@ -650,27 +708,21 @@ class ClientConnection(asyncio.Protocol):
         if w.access is not None:
             w.log_exchange(ex)
         q = self.queue
-        if close or (self.w.draining or self.pending_reject) and not q:
+        if close or (w.draining or self.pending_reject) and not q:
             if self.pending_reject is not None and not close:
                 code, message = self.pending_reject
-                self.write(error_reply(code, message, self.w.next_request_id(), close=True))
-                self.w.count_status(ERROR_STATUS[code])
+                self.write(error_reply(code, message, w.next_request_id(), close=True))
+                w.count_status(ERROR_STATUS[code])
             self.close(linger=self.pending_reject is not None or not ex.body_done or self.parsing is not None)
             return
         if q:
             nxt = q.popleft()
             if len(q) < 32:
-                self.transport.resume_reading()
+                self.resume_reading(2)
             self.active = nxt
-            self.w.handle(nxt)
-        elif self.parsing is None:
-            w = self.w
-            if self.head_raw:  # the next head has started arriving
-                self.deadline = w.now + w.s.header_timeout
-                self.deadline_kind = 1
-            else:
-                self.deadline = w.now + w.s.keepalive_timeout
-                self.deadline_kind = 3
+            w.handle(nxt)
+        if not self.closed:
+            self.arm()
 
     def upstream_failed(self, ex: Exchange, code: str, message: str) -> None:
         up = ex.up
@@ -678,12 +730,21 @@ class ClientConnection(asyncio.Protocol):
             ex.up = None
             up.ex = None
             if not up.closed:
-                up.transport.abort()
+                reset(up.transport)
         if ex.done or ex is not self.active or self.closed:
             return
         if ex.resp_started:
-            # Never let a cut-off response look complete to the client.
+            # Never let a cut-off response look complete to the client; the
+            # exchange still leaves its log line and its count.
             ex.done = True
+            ex.error = "upstream_cut" if code in ("upstream_unavailable", "upstream_timeout") else code
+            self.active = None
+            w = self.w
+            if ex.error == "upstream_cut":
+                w.upstream_cuts += 1
+            w.account(ex)
+            if w.access is not None:
+                w.log_exchange(ex)
             self.abort()
             return
         self.local_reply(ex, code, message)
@@ -711,35 +772,19 @@ class ClientConnection(asyncio.Protocol):
     def upstream_upgraded(self, up: UpstreamConn, rest: bytes) -> bool:
         """The upstream answered 101: from now on both sides are a byte pipe."""
         ex = self.active
-        if ex is None or ex.up is not up or self.closed:
+        if ex is None or ex.up is not up or self.closed or ex.tunnel_buf is None:
             return False
         self.upgraded = up
         up.tunnel = self
         ex.done = True
         if rest:
             self.write(rest)
-        for chunk in ex.tunnel_buf or ():
+        for chunk in ex.tunnel_buf:
             if chunk:
                 up.transport.write(chunk)
         ex.tunnel_buf = None
-        self.deadline_kind = 0
+        self.tunnel_ex = None
+        self.deadline_kind = K_NONE
+        self.resume_reading(4)
         self.w.count_status(101)
         return True
-
-    # -- timeouts (called by the worker's sweep) ----------------------------
-    def on_timeout(self) -> None:
-        kind = self.deadline_kind
-        self.deadline_kind = 0
-        if kind == 1:
-            self.reject_now("request_timeout", "request head not received in time")
-        elif kind == 2:
-            ex = self.active
-            if ex is not None and not ex.resp_started:
-                ex.body_done = False
-                self.upstream_failed(ex, "request_timeout", "request body not received in time")
-            else:
-                self.abort()
-        elif kind == 3:
-            self.close()
-        elif kind == 4:
-            self.transport.close()

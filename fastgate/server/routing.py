@@ -21,9 +21,12 @@ class Route:
         "ip_limits",
         "ip_policy",
         "ip_policy_header",
+        "request_buffer",
+        "method_override",
+        "reject_double_encoding",
     )
 
-    def __init__(self, rc: RouteConfig, upstream, default_max_body: int):
+    def __init__(self, rc: RouteConfig, upstream, default_max_body: int, default_buffer: int = 65536):
         self.name = rc.name
         p = rc.path.encode()
         # Stored without a trailing slash so '/api' and '/api/' both cover '/api/x'.
@@ -43,6 +46,10 @@ class Route:
         self.ip_limits = rc.ip_limits
         self.ip_policy = None  # set by the worker, which owns the rate table
         self.ip_policy_header = b""
+        self.request_buffer = rc.request_buffer if rc.request_buffer is not None else default_buffer
+        self.method_override = rc.method_override
+        rd = rc.reject_double_encoding
+        self.reject_double_encoding = rc.auth != "none" if rd is None else rd
 
 
 class Router:
@@ -55,7 +62,8 @@ class Router:
 
     def __init__(self, config: Config, upstreams: dict):
         default_max = config.server.max_body_bytes
-        self.routes = [Route(rc, upstreams[rc.upstream], default_max) for rc in config.routes]
+        buf = config.server.request_buffer
+        self.routes = [Route(rc, upstreams[rc.upstream], default_max, buf) for rc in config.routes]
         self.by_host: dict[bytes, dict[bytes, Route]] = {}
         self.any_host: dict[bytes, Route] = {}
         for r in self.routes:

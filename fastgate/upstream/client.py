@@ -114,12 +114,12 @@ class UpstreamConn(asyncio.Protocol):
     def pause_writing(self):
         ex = self.ex
         if ex is not None:
-            ex.conn.transport.pause_reading()
+            ex.conn.pause_reading(1)
 
     def resume_writing(self):
         ex = self.ex
         if ex is not None and not ex.conn.closed:
-            ex.conn.transport.resume_reading()
+            ex.conn.resume_reading(1)
 
     # -- httptools callbacks ---------------------------------------------
     def on_header(self, name, value):

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -28,7 +29,8 @@ from ..admin import keysync
 from ..accesslog import STAGE_OF, AccessLog, AccessRecord
 from ..errors import ERROR_STATUS
 from ..ipfilter import IpRules, pack_ip
-from ..server.protocol import ClientConnection
+from ..server.http1 import double_encoded, error_reply
+from ..server.protocol import K_HEAD, K_IDLE, ClientConnection, now_ns
 from ..server.routing import Router
 from ..upstream.client import UpstreamConn
 from ..upstream.pool import build_groups
@@ -60,6 +62,15 @@ def policy_header(limits: dict[str, int]) -> bytes:
         return b""
     items = sorted(limits.items(), key=lambda kv: _WINDOW_SECONDS[kv[0]])
     return b"ratelimit-policy: " + ", ".join(f"{n};w={_WINDOW_SECONDS[u]}" for u, n in items).encode() + b"\r\n"
+
+
+def forwarded_element(peer: str, host: bytes, proto: bytes) -> bytes:
+    """An RFC 7239 Forwarded field for this hop."""
+    node = f'"[{peer}]"' if ":" in peer else peer
+    out = b"forwarded: for=%s;proto=%s" % (node.encode(), proto)
+    if host:
+        out += b';host="%s"' % host if b":" in host else b";host=%s" % host
+    return out + b"\r\n"
 
 
 def send_msg(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
@@ -94,7 +105,6 @@ class Worker:
         self.keys = core.KeyTable(arena, secret=secret)
         self.rates = core.RateTable(arena)
         self.idcache: dict = {}
-        self.blocked: dict[str, float] = {}
         self.method_bits = {m.encode(): core.method_bit(m.encode()) for m in cfg.HTTP_METHODS}
         self.sock = sock
         self.ctl = ctl
@@ -114,6 +124,10 @@ class Worker:
         self.usage: dict = {}  # key slot -> [1xx, 2xx, 3xx, 4xx, 5xx, bytes_in, bytes_out]
         self._next_publish = 0.0
         self.access = None
+        self.max_connections = 0
+        self.conns_refused = 0
+        self.upstream_cuts = 0
+        self._refuse_logged = 0.0
         self.apply(config)
 
     # -- config ---------------------------------------------------------------
@@ -151,6 +165,20 @@ class Worker:
         for u in config.upstreams:
             timeouts += (u.connect_timeout, u.read_timeout, u.idle_timeout)
         self.tick = min(0.5, max(0.02, min(timeouts) / 10))
+        self.max_connections = self.connection_cap(config)
+
+    @staticmethod
+    def connection_cap(config: cfg.Config) -> int:
+        """max_connections, or what RLIMIT_NOFILE allows: every client connection
+        may hold one upstream connection, and pooled idle ones and a few files
+        need descriptors too."""
+        if config.server.max_connections:
+            return config.server.max_connections
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        reserve = 64 + sum(u.max_idle * len(u.targets) for u in config.upstreams)
+        return max(64, (soft - reserve) // 2)
 
     def now_precise(self) -> float:
         loop = self.loop
@@ -158,7 +186,7 @@ class Worker:
 
     def log_exchange(self, ex) -> None:
         """Step 9: the access-log line (only called when the log is on)."""
-        now = self.loop.time()
+        now = now_ns()
         route = ex.route
         key = ex.key
         target = ex.target
@@ -171,13 +199,13 @@ class Worker:
             ex.status,
             ex.body_seen,
             ex.bytes_out,
-            int((now - ex.t0) * 1e6),
+            (now - ex.t0) // 1000,
             route.name if route is not None else None,
             key[0] if key else None,
             key[1] or None if key else None,
             key[2] or None if key else None,
             target.name if target is not None else None,
-            int((ex.t_head - ex.t0) * 1e6) if ex.t_head and ex.error is None else None,
+            (ex.t_head - ex.t0) // 1000 if ex.t_head else None,
             STAGE_OF.get(ex.error) if ex.error else None,
             ex.error,
         ))
@@ -212,7 +240,7 @@ class Worker:
         k = (rname, cls, STAGE_OF.get(ex.error, "internal") if ex.error else "proxied", key[2] if key else "")
         m = self.m_requests
         m[k] = m.get(k, 0) + 1
-        dt = self.loop.time() - ex.t0
+        dt = (now_ns() - ex.t0) / 1e9
         h = self.m_latency.get(rname)
         if h is None:
             h = self.m_latency[rname] = [0] * (len(LATENCY_BUCKETS) + 2)
@@ -240,6 +268,8 @@ class Worker:
             "upstream": self.m_upstream,
             "idle": {t.name: len(t.idle) for t in self.targets.values()},
             "connections": len(self.conns),
+            "connections_refused": self.conns_refused,
+            "upstream_cut": self.upstream_cuts,
             "access_log": [self.access.lines, self.access.dropped] if self.access is not None else [0, 0],
         })
 
@@ -252,7 +282,19 @@ class Worker:
             conn.local_reply(ex, "no_route", "no route matches this host and path")
             return
         ex.route = route
-        if route.methods is not None and ex.method not in route.methods:
+        if route.reject_double_encoding and double_encoded(ex.path):
+            conn.local_reply(ex, "bad_request", "double-encoded '.', '/' or '\\' in the path")
+            return
+        method = ex.method
+        if route.method_override:
+            override = ex.head.method_override
+            if override is not None:
+                method = override.strip()
+                if method not in self.method_bits:
+                    conn.local_reply(ex, "bad_request", "method override names no known method")
+                    return
+                ex.headers = ex.headers + [ex.head.method_override_field]
+        if route.methods is not None and method not in route.methods:
             conn.local_reply(ex, "method_not_allowed", "method not allowed on this route", route.allow_header)
             return
         ip = self.ip
@@ -261,28 +303,34 @@ class Worker:
         if ip.active and ip.denied(client):
             conn.local_reply(ex, "ip_denied", "client address is not allowed")
             return
+        # The body limit comes before credentials and limits, so an oversized
+        # upload never spends quota.
+        if (ex.length is not None and ex.length > route.max_body) or ex.body_seen > route.max_body:
+            conn.local_reply(ex, "body_too_large", f"request body exceeds {route.max_body} bytes")
+            return
         if route.auth == "key":
-            if not self._authenticate(ex, route, client):
+            if not self._authenticate(ex, route, client, method):
                 return
         elif route.ip_policy is not None:
             packed = conn.peer_packed if client is conn.peer else pack_ip(client)
-            r = self.rates.hit(route.ip_policy, core.addr_hash(packed), time.time_ns() // 1_000_000)
+            r = self.rates.hit(route.ip_policy, self.addr_subject(packed), time.time_ns() // 1_000_000)
             if r < 0 and r != core.UNLIMITED:
                 self._rate_limited(ex, r, route.ip_policy_header)
                 return
             if r != core.UNLIMITED:
                 ex.resp_extra = self._rate_headers(route.ip_policy_header)
-        if ex.length is not None and ex.length > route.max_body:
-            conn.local_reply(ex, "body_too_large", f"request body exceeds {route.max_body} bytes")
-            return
         self.proxy(ex, route.upstream.next_target())
 
-    def _authenticate(self, ex, route, client: str) -> bool:
-        """Steps 5-7: key -> validity/scope/key CIDRs -> limits. False: replied."""
+    def addr_subject(self, packed: bytes) -> int:
+        return core.addr_hash(packed)
+
+    def _authenticate(self, ex, route, client: str, method: bytes) -> bool:
+        """Steps 5-7: key -> validity/scope/key CIDRs -> limits. False: replied.
+
+        A valid key is always checked and admitted under its own limits, from
+        any address: only failed checks count towards the address's
+        failed-auth limit, and only the failures beyond it get 429."""
         conn = ex.conn
-        if self.blocked and client in self.blocked and self.blocked[client] > self.now:
-            conn.local_reply(ex, "rate_limited", "too many failed key checks from this address", b"retry-after: 60\r\n")
-            return False
         key = self._take_key(ex, route)
         if key is None:
             conn.local_reply(ex, "key_missing", "this route needs an API key", _WWW_AUTH)
@@ -292,14 +340,17 @@ class Worker:
             return False
         packed = conn.peer_packed if client is conn.peer else pack_ip(client)
         now_ms = time.time_ns() // 1_000_000
-        bit = self.method_bits.get(ex.method)
+        bit = self.method_bits.get(method)
         if bit is None:
-            bit = core.method_bit(ex.method)
+            bit = core.method_bit(method)
         idx = self.keys.check_key(key, bit, ex.path, packed, now_ms)
         if idx < 0:
             code = core.ERROR_CODE.get(idx, "key_invalid")
-            if code == "key_invalid":
-                self._failed_auth(client, packed, now_ms)
+            if code == "key_invalid" and self._failed_auth(packed, now_ms):
+                retry = max(1, -(-self.rates.retry_after_ms // 1000))
+                conn.local_reply(ex, "rate_limited", "too many failed key checks from this address",
+                                 b"retry-after: %d\r\n" % retry)
+                return False
             conn.local_reply(ex, code, _KEY_MESSAGES.get(idx, "API key refused"),
                              _WWW_AUTH if code in ("key_invalid", "key_expired") else b"")
             return False
@@ -385,13 +436,12 @@ class Worker:
         self.idcache[idx] = entry
         return entry
 
-    def _failed_auth(self, client: str, packed: bytes, now_ms: int) -> None:
+    def _failed_auth(self, packed: bytes, now_ms: int) -> bool:
+        """Count one failed key check for the address (shared by all workers);
+        True when it is beyond the limit (the caller answers 429)."""
         if self.authfail_policy is None:
-            return
-        if self.rates.hit(self.authfail_policy, core.addr_hash(packed), now_ms) == core.RATE_LIMITED:
-            if len(self.blocked) > 100_000:
-                self.blocked.clear()
-            self.blocked[client] = self.now + max(1.0, self.rates.retry_after_ms / 1000)
+            return False
+        return self.rates.hit(self.authfail_policy, self.addr_subject(packed), now_ms) == core.RATE_LIMITED
 
     def _rate_headers(self, policy: bytes) -> bytes:
         rt = self.rates
@@ -417,8 +467,11 @@ class Worker:
                 path = b"/" + path
         conn = ex.conn
         peer = conn.peer.encode()
-        xff = ex.xff + b", " + peer if conn.trusted and ex.xff else peer
+        trusted = conn.trusted
+        xff = ex.xff + b", " + peer if trusted and ex.xff else peer
         host = ex.host or b""
+        h = ex.head
+        proto = h.xfp if trusted and h.xfp else b"http"
         parts = [
             ex.method,
             b" ",
@@ -435,14 +488,25 @@ class Worker:
         parts += (
             b"x-forwarded-for: ",
             xff,
-            b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ",
-            host,
+            b"\r\nx-forwarded-proto: ",
+            proto,
+            b"\r\nx-forwarded-host: ",
+            h.xfh if trusted and h.xfh else host,
             b"\r\nx-request-id: ",
             ex.request_id.encode(),
             b"\r\n",
         )
+        if self.s.forwarded_header:
+            parts.append(forwarded_element(conn.peer, host, proto))
         if ex.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            if ex.body_done:
+                # read and validated whole: the upstream gets it with a length,
+                # as nginx sends a buffered body
+                ex.up_chunked = False
+                parts.append(b"content-length: %d\r\n" % ex.body_seen)
+            else:
+                ex.up_chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
         elif ex.length is not None:
             parts.append(b"content-length: %d\r\n" % ex.length)
         if ex.upgrade is not None:
@@ -451,7 +515,21 @@ class Worker:
         return b"".join(parts)
 
     def proxy(self, ex, target) -> None:
+        """The end of admission. A body up to request_buffer is read whole before
+        the upstream is chosen; a larger one streams from here."""
         ex.target = target
+        if not ex.body_done:
+            rb = ex.route.request_buffer
+            if (ex.length is not None and ex.length > rb) or ex.body_seen > rb:
+                ex.streaming = True
+            else:
+                ex.waiting = True
+                ex.conn.continue_body(ex)
+                return
+        self.send(ex)
+
+    def send(self, ex) -> None:
+        target = ex.target
         up = target.get() if ex.upgrade is None else None
         c = self.m_upstream.get(target.name)
         if c is None:
@@ -461,6 +539,30 @@ class Worker:
             ex.conn.send_upstream(ex, up, self.build_head(ex, target))
             return
         self.connect(ex, target)
+
+    # -- connection cap -----------------------------------------------------------
+    def shed_idle(self) -> bool:
+        """At the cap: close the oldest idle connections (keep-alive ones and
+        ones that never sent a byte), a batch at a time. False: none to close."""
+        idle = [c for c in self.conns
+                if c.active is None and not c.queue and c.upgraded is None and (
+                    c.deadline_kind == K_IDLE or (c.deadline_kind == K_HEAD and not c.parser.head_pending))]
+        if not idle:
+            return False
+        idle.sort(key=lambda c: c.idle_since)
+        for c in idle[: max(1, len(idle) // 16)]:
+            c.abort_silently()
+        return True
+
+    def refuse_connection(self, transport) -> None:
+        self.conns_refused += 1
+        if self.now >= self._refuse_logged:
+            self._refuse_logged = self.now + 10.0
+            log.warning("worker %d at its connection cap (%d): refusing new connections (%d refused so far)",
+                        self.index, self.max_connections, self.conns_refused)
+        transport.write(error_reply("overloaded", "too many connections; retry later", self.next_request_id(),
+                                    close=True, extra=b"retry-after: 1\r\n"))
+        transport.close()
 
     def connect(self, ex, target) -> None:
         c = self.m_upstream.get(target.name)

@@ -133,9 +133,14 @@ def test_http10_client_gets_close_delimited_body_for_chunked_upstream(gateway):
     assert len(body) == 100_000
 
 
-def test_chunked_request_body_is_streamed_upstream(gateway):
+def test_chunked_request_body_past_request_buffer_is_streamed_upstream(gateway):
+    # 100 kB in 20 pieces, with a pause once past the 64 KiB request_buffer:
+    # the upstream is already receiving (re-chunked by the gateway) while the
+    # client is still sending.
     def gen():
         for i in range(20):
+            if i == 15:
+                time.sleep(0.3)
             yield bytes([i]) * 5000
 
     r = requests.post(gateway.url + "/echo/chunked", data=gen(), timeout=10)
@@ -144,6 +149,19 @@ def test_chunked_request_body_is_streamed_upstream(gateway):
     assert body["body_bytes"] == len(expected)
     assert body["body_sha256"] == hashlib.sha256(expected).hexdigest()
     assert body["chunked"] is True
+
+
+def test_small_chunked_request_body_is_buffered_and_sent_with_a_length(gateway):
+    # Within request_buffer the body is read and validated whole first, and
+    # the upstream gets it with a Content-Length (as nginx sends a buffered body).
+    def gen():
+        for i in range(10):
+            yield bytes([i]) * 1000
+
+    r = requests.post(gateway.url + "/echo/chunked", data=gen(), timeout=10)
+    body = r.json()
+    assert body["body_bytes"] == 10_000 and body["chunked"] is False
+    assert {k.lower(): v for k, v in body["headers"]}["content-length"] == "10000"
 
 
 def test_chunked_response(gateway):

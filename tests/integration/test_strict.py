@@ -542,14 +542,46 @@ def test_stalled_chunked_body_is_closed(gw):
 
 
 def test_slow_but_steady_body_is_not_cut(gw, client):
-    # Each gap is under body_timeout, the whole body takes longer than it.
+    # The whole body takes longer than body_timeout, but it keeps up
+    # min_body_rate (default 1k/s) in every body_timeout window.
     c = client()
-    c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
-    for _ in range(4):
+    c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")
+    for _ in range(5):
         time.sleep(BODY_TIMEOUT / 2.5)
-        c.send(b"ab")
+        c.send(b"a" * 400)
     (r,) = c.read()
-    assert echo_of(r)["body_bytes"] == 8
+    assert echo_of(r)["body_bytes"] == 2000
+
+
+def test_trickling_body_is_answered_408_within_one_window(gw):
+    # A byte every 100 ms never leaves a gap of body_timeout, but it is far
+    # below min_body_rate: 408 at the end of the first window, then closed.
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=EXCHANGE_TIMEOUT)
+    s.settimeout(0.1)
+    t0 = time.monotonic()
+    reply = b""
+    try:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        while time.monotonic() - t0 < EXCHANGE_TIMEOUT:
+            try:
+                s.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            except socket.timeout:
+                pass
+            except ConnectionResetError:
+                break
+    finally:
+        s.close()
+    elapsed = time.monotonic() - t0
+    assert elapsed < BODY_TIMEOUT + 2.0, f"connection still open after {elapsed:.2f}s"
+    (r,) = parse_responses(reply)[0]
+    assert_error(r, 408, "request_timeout")
 
 
 # -- header hygiene -------------------------------------------------------------------

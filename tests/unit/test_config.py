@@ -128,7 +128,7 @@ def test_empty_file_is_all_defaults(tmp_path):
     f.write_text("")
     c = load_config(str(f))
     assert c.routes == [] and c.upstreams == []
-    assert c.server.max_header_bytes == 16 * 1024
+    assert c.server.max_header_bytes == 32 * 1024
 
 
 @pytest.mark.parametrize(
