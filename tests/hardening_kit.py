@@ -83,7 +83,7 @@ class _Proto:
 class RecordingUpstream:
     """A threaded raw HTTP/1.1 server on 127.0.0.1:0 that keeps every byte.
 
-    Answers by path: '/cut' sends a head promising 100000 bytes, 1000 of them,
+    Answers by path: '/slow' answers after a second; '/cut' sends a head promising 100000 bytes, 1000 of them,
     then closes ('/cut-rst': resets); '/upgrade-anyway' answers 101 whatever
     was asked; an upgrade to '/ws' gets a 101 and an echo; anything else gets a
     200 JSON echo of method, path, fields and body size."""
@@ -146,6 +146,12 @@ class RecordingUpstream:
             t.start()
 
     def _serve(self, c: socket.socket, rec: UpConn):
+        try:
+            self._serve1(c, rec)
+        except OSError:  # the gateway reset us while we were answering
+            rec.ended = rec.ended or "rst"
+
+    def _serve1(self, c: socket.socket, rec: UpConn):
         proto = _Proto()
         parser = proto.parser = httptools.HttpRequestParser(proto)
         c.settimeout(30)
@@ -170,8 +176,11 @@ class RecordingUpstream:
                 try:
                     parser.feed_data(data)
                 except httptools.HttpParserUpgrade as exc:
+                    # the upgrade request itself is answered with a 101, not a 200
+                    method, url, headers, body = proto.done.pop()
                     self._complete(c, rec, proto)
-                    url = proto.url
+                    with self.lock:
+                        rec.messages.append(Message(method, url, headers, body))
                     rec.upgraded = True
                     # Did anything after the head come before our 101? Wait a
                     # little to give early bytes the chance to show.
@@ -217,6 +226,8 @@ class RecordingUpstream:
                 if path.endswith(b"/cut-rst"):
                     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return False
+            if path.endswith(b"/slow"):
+                time.sleep(1.0)
             if path.endswith(b"/upgrade-anyway"):
                 c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
                 rec.upgraded = True
@@ -371,6 +382,7 @@ class Harness:
 
     def __init__(self, tmp_path, server: str = "", extra: str = "", scopes=("GET /api/public/*",), workers=2):
         self.up = RecordingUpstream()
+        self.dir = tmp_path
         path = tmp_path / "gateway.toml"
         path.write_text(BASE.format(server=textwrap.dedent(server), addr=self.up.addr, extra=textwrap.dedent(extra)))
         self.gw = Gateway(path, workers=workers)
@@ -382,6 +394,19 @@ class Harness:
     def stop(self):
         self.gw.stop()
         self.up.close()
+
+    def log_lines(self, needle: str, n: int = 1, timeout: float = 5.0) -> list[dict]:
+        """Access-log records whose path holds needle (the log is flushed on a timer)."""
+        deadline = time.monotonic() + timeout
+        found = []
+        while time.monotonic() < deadline:
+            path = self.dir / "access.log"
+            if path.exists():
+                found = [json.loads(line) for line in path.read_text().splitlines() if needle in line]
+                if len(found) >= n:
+                    break
+            time.sleep(0.05)
+        return found
 
     def request(self, raw: bytes, n: int = 1) -> tuple[list[Reply], Client]:
         c = Client(self.port)

@@ -247,6 +247,7 @@ class ClientConnection(asyncio.Protocol):
         )
         w.conns.add(self)
         # A connection that never sends a byte is closed, silently, after this.
+        self.idle_since = w.loop.time()
         self.deadline = w.now + s.header_timeout
         self.deadline_kind = K_HEAD
 
@@ -464,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
             if kind != K_IDLE and kind != K_HEAD:
                 self.deadline = w.now + w.s.keepalive_timeout
                 self.deadline_kind = K_IDLE
-                self.idle_since = w.now
+                self.idle_since = w.loop.time()
         elif kind != K_NONE:
             self.deadline_kind = K_NONE
 
