@@ -30,9 +30,6 @@ def addr_subject(packed: bytes, v6_prefix: int = 64) -> int:
     IPv6 per /v6_prefix (1..64; finer would give one host 2**64 subjects), else SUBJECT_UNKNOWN.
     Injective per family and prefix; placement is salted inside the table."""
 
-def addr_hash(peer: bytes) -> int:
-    """Deprecated subject (no IPv6 aggregation); kept for old callers."""
-
 def _set_crash_hook(point: int) -> None:
     """TEST ONLY: 1 = the next put() in this process _exit(70)s inside its write section."""
 
