@@ -16,11 +16,22 @@ KEY_EXPIRED: int  # -4  now_ms >= expires_ms
 KEY_NOT_YET_VALID: int  # -5  now_ms < not_before_ms
 SCOPE_DENIED: int  # -6  no scope matches (method bit, normalised path)
 KEY_IP_DENIED: int  # -7  per-key deny matched, or per-key allow did not
-KEY_BUSY: int  # -8  record stayed mid-write (writer died inside a write): fail closed
+KEY_BUSY: int  # -8  record stayed mid-write for ~200 us (writer stalled, or died before a takeover): fail closed
 KEY_MALFORMED: int  # -9  not fg_<id>_<secret><crc>, bad checksum, or no secret set
 RATE_LIMITED: int  # -10 see RateTable.retry_after_ms / reset_ms / limit
-RATE_TABLE_FULL: int  # -11 no free counter entry for a new subject
+RATE_TABLE_FULL: int  # -11 hit() of an on_full="refuse" policy: no free or expired entry in the probe window
 UNLIMITED: int  # 2**31-1: hit() on a policy without any window
+SUBJECT_V4: int  # addr_subject(a.b.c.d) == SUBJECT_V4 | the 32-bit address
+SUBJECT_UNKNOWN: int  # addr_subject of anything but 4 or 16 bytes: all unknown clients share it
+V6_PREFIX_DEFAULT: int  # 64
+
+def addr_subject(packed: bytes, v6_prefix: int = 64) -> int:
+    """Rate subject of a client address (pack_ip form): IPv4 and ::ffff:a.b.c.d per address,
+    IPv6 per /v6_prefix (1..64; finer would give one host 2**64 subjects), else SUBJECT_UNKNOWN.
+    Injective per family and prefix; placement is salted inside the table."""
+
+def _set_crash_hook(point: int) -> None:
+    """TEST ONLY: 1 = the next put() in this process _exit(70)s inside its write section."""
 
 class CoreError(Exception): ...
 
@@ -31,10 +42,14 @@ class Arena:
     @staticmethod
     def create(
         key_capacity: int = 1_000_000, rate_capacity: int = 1 << 18, ext_bytes: int | None = None,
-        path: str | None = None,
+        path: str | None = None, *, auth_capacity: int | None = None,
     ) -> Arena:
         """Master, before forking. path=None: anonymous MAP_SHARED memory, inherited by fork,
-        nothing to unlink. path="/dev/shm/NAME": a 0600 file (O_EXCL) that attach() can open."""
+        nothing to unlink. path="/dev/shm/NAME": a 0600 file (O_EXCL) that attach() can open.
+        key_capacity: keys, each with its own rate entry; rate_capacity: address subjects of
+        on_full="refuse" policies (ip_limits); auth_capacity (default rate_capacity): address
+        subjects of on_full="evict" policies (failed-auth). A random placement salt is drawn
+        here and kept in the header (never returned by header())."""
     @staticmethod
     def attach(path: str) -> Arena:
         """Map an existing file arena; CoreError on bad magic, layout version or size."""
@@ -45,12 +60,18 @@ class Arena:
     @property
     def rate_capacity(self) -> int: ...
     @property
+    def auth_capacity(self) -> int: ...
+    @property
     def path(self) -> str | None: ...
     @property
     def writer_pid(self) -> int: ...
     def header(self) -> dict[str, int]: ...
     def set_writer(self, pid: int) -> None:
-        """Hand the single-writer role (key table writes) to pid; callable by the current writer."""
+        """Hand the single-writer role (key table writes) to pid; callable by the current writer
+        and by the creator. A record that a dead writer left mid-write is restored to its state
+        before that write here (unless that writer still runs), else at the next write."""
+    def recover(self) -> bool:
+        """Restore a record a dead writer left mid-write now; True if there was one."""
     def unlink(self) -> None:
         """Creator only; removes the /dev/shm file (no-op for anonymous arenas)."""
 
@@ -84,7 +105,10 @@ class KeyTable:
     ) -> None:
         """Insert or replace key_index. scopes: "GET /orders/*" (segment), "GET /orders" (exact),
         "GET /orders*" (prefix), "* /x", "GET,POST /x". limits: "5/second".. "N/month".
-        expires_ms 0 = never. flags: FLAG_DISABLED | FLAG_REVOKED. `where` prefixes error paths.
+        expires_ms 0 = never, else 1..2**63-1 (an instant at or before the epoch: pass 1);
+        anything else is a CoreError raised before the record is touched.
+        flags: FLAG_DISABLED | FLAG_REVOKED. `where` prefixes error paths. Putting a key into an
+        index that held another key resets the index's rate counters; updating a key keeps them.
         prev_digest + grace_until_ms > 0: a rotated-out digest stays valid across the replace
         (an update during a rotation's grace period must not end the grace)."""
     def rotate(self, key_index: int, new_digest: bytes, grace_until_ms: int) -> None:
@@ -100,8 +124,11 @@ class KeyTable:
         """The opaque bytes given to put(meta=...): e.g. the public id and owner for identity headers."""
     def generation(self, key_index: int) -> int:
         """Changes on every write to the record: cache meta() per (index, generation)."""
+    def probes(self, digest: bytes) -> int:
+        """Slots a lookup of digest visits (1 in the twin); for tests and tools."""
     def __len__(self) -> int: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """capacity, live, digests, slots, tombstones (rebuilt past slots/8), rebuilds, ..."""
 
 class RateTable:
     """Sliding-window counters shared by every process (exact admission via CAS)."""
@@ -112,15 +139,22 @@ class RateTable:
     retry_after_ms: int  # when refused: ms until this request would be admitted; else 0
 
     def __init__(self, arena: Arena) -> None: ...
-    def policy(self, name: str, limits: Sequence[str | tuple[int, str]], where: str = "limits") -> int:
+    def policy(self, name: str, limits: Sequence[str | tuple[int, str]], where: str = "limits", *,
+               on_full: str = "refuse") -> int:
         """Worker-local policy id. Counters are keyed by (name, subject): use one name for all
-        key plans (a plan change keeps the key's counts) and e.g. "ip:<route>" for per-IP limits."""
+        key plans (a plan change keeps the key's counts) and e.g. "ip:<route>" for per-IP limits.
+        on_full (for hit()): "refuse" -- ip_limits: a full probe window answers RATE_TABLE_FULL
+        (fail closed); "evict" -- failed-auth throttling, in its own region: the stalest entry
+        of the probe window is taken over, so it never fills."""
     def hit(self, policy_id: int, subject: int, now_ms: int, cost: int = 1) -> int:
-        """subject >= 0: a key index, or addr_hash(peer). All windows or none are charged.
-        Returns remaining >= 0, RATE_LIMITED, RATE_TABLE_FULL, or UNLIMITED."""
+        """subject: addr_subject(packed). All windows or none are charged. Expired entries
+        are reused. Returns remaining >= 0, RATE_LIMITED, RATE_TABLE_FULL ("refuse" only;
+        retry_after_ms = 1000 then), or UNLIMITED."""
     def hit_key(self, policy_id: int, keys: KeyTable, key_index: int, now_ms: int, cost: int = 1) -> int:
-        """hit() with the key's own limits replacing the policy's window by window."""
-    def stats(self) -> dict[str, int]: ...
+        """The key's own entry (by index: never full), its own limits replacing the policy's
+        window by window. Returns remaining >= 0, RATE_LIMITED or UNLIMITED."""
+    def stats(self) -> dict[str, int]:
+        """capacity/used (refuse region), auth_capacity/auth_used, key_capacity, reclaimed, evicted."""
 
 class CidrSet:
     """Worker-local sorted merged ranges; O(log n) per lookup."""

@@ -1,11 +1,13 @@
 # cython: language_level=3
 """HOT PATH: the shared-memory core -- Arena, KeyTable, RateTable, CidrSet.
 
-One segment, created by the master before it forks, holds a header, the key
-index (digest slot -> key index), the key records, the rate counters and the
-key extension heap (scopes, per-key CIDRs, per-key limits, metadata). Only
-offsets are stored in it, never pointers. Exactly one process (the header's
-writer_pid) writes keys; every process reads keys and updates counters.
+One segment, created by the master before it forks, holds a header, two key
+index areas (digest slot -> key index; one live, one spare for rebuilds), the
+key records, the rate entries (one per key index, then two hashed regions for
+address subjects) and the key extension heap (scopes, per-key CIDRs, per-key
+limits, metadata). Only offsets are stored in it, never pointers. Exactly one
+process (the header's writer_pid) writes keys; every process reads keys and
+updates counters.
 
 Per request: ints and bytes in, one int out. Expected outcomes are the
 negative return codes below; exceptions are for cold-path misuse only.
@@ -16,10 +18,12 @@ pure-Python twin), so the two cannot disagree on what a config means.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, realloc, free
-from posix.unistd cimport getpid
+from posix.unistd cimport getpid, _exit
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 
+import mmap
 import os
+import secrets
 
 from fastgate import _core_py as _py
 from fastgate._core_py import CoreError
@@ -38,6 +42,7 @@ cdef extern from "atomics.h" nogil:
     void fg_fence_acq()
     void fg_fence_rel()
     void fg_cpu_relax()
+    int64_t fg_mono_ns()
 
 cdef extern from "fg_hash.h" nogil:
     ctypedef struct fg_b2_state:
@@ -46,6 +51,7 @@ cdef extern from "fg_hash.h" nogil:
     void fg_b2_digest(const fg_b2_state *st, const uint8_t *msg, size_t len, uint8_t *out)
     void fg_crc32_init()
     uint32_t fg_crc32(const uint8_t *p, size_t n)
+    uint64_t fg_sip24_2w(uint64_t k0, uint64_t k1, uint64_t m0, uint64_t m1)
 
 fg_crc32_init()
 
@@ -64,6 +70,9 @@ KEY_MALFORMED = _py.KEY_MALFORMED
 RATE_LIMITED = _py.RATE_LIMITED
 RATE_TABLE_FULL = _py.RATE_TABLE_FULL
 UNLIMITED = _py.UNLIMITED
+SUBJECT_V4 = _py.SUBJECT_V4
+SUBJECT_UNKNOWN = _py.SUBJECT_UNKNOWN
+V6_PREFIX_DEFAULT = _py.V6_PREFIX_DEFAULT
 
 cdef enum:
     C_NO_SUCH_KEY = -1
@@ -79,47 +88,35 @@ cdef enum:
     C_RATE_TABLE_FULL = -11
     C_UNLIMITED = 0x7FFFFFFF
     NOT_THIS = -100          # internal: the slot's record is not this digest's
+    RETRY = -101             # internal: the entry changed owner under a hit
     F_LIVE = 1
     F_DISABLED = 2
     F_REVOKED = 4
     SLOT_EMPTY = 0
-    SPIN_MAX = 1 << 20       # seqlock retries before a reader gives up with KEY_BUSY
     RATE_PROBES = 256
     EXT_HEADER = 56
     EXT_CLASSES = 24
     N_WIN = 5
+    MISS_RETRIES = 4         # lookups that raced a slot-area swap
+    OWNER_RETRIES = 3        # address hits whose entry was reclaimed under them
+    MODE_REFUSE = 0
+    MODE_EVICT = 1
 
 cdef extern from *:
     """
     #define FG_SLOT_TOMB 0xFFFFFFFFULL
     #define FG_LO32 0xFFFFFFFFULL
     #define FG_ALL64 0xFFFFFFFFFFFFFFFFULL
+    #define FG_BUSY_WAIT_NS 200000LL
+    #define FG_SNAP_WAIT_NS 2000000LL
     """
     const uint64_t SLOT_TOMB "FG_SLOT_TOMB"
     const uint64_t LO32 "FG_LO32"
     const uint64_t ALL64 "FG_ALL64"
-
-cdef struct Header:          # offsets must match _core_py.HEADER_FIELDS
-    uint64_t magic
-    uint32_t version
-    uint32_t header_size
-    uint64_t size
-    uint64_t key_capacity
-    uint64_t key_slots
-    uint64_t rate_capacity
-    uint64_t ext_bytes
-    uint64_t off_slots
-    uint64_t off_records
-    uint64_t off_rate
-    uint64_t off_ext
-    int64_t writer_pid
-    uint64_t ext_bump        # writer only
-    uint64_t live_keys       # writer only
-    uint64_t tombstones      # writer only
-    uint64_t digests         # writer only
-    uint64_t rate_used       # atomic add, any process
-    uint64_t alloc_hint      # writer only
-    uint64_t free_heads[EXT_CLASSES]   # writer only
+    # A reader that meets a record mid-write waits this long (monotonic clock)
+    # before it answers KEY_BUSY; cold readers (info/meta) wait longer, then raise.
+    const int64_t BUSY_WAIT_NS "FG_BUSY_WAIT_NS"
+    const int64_t SNAP_WAIT_NS "FG_SNAP_WAIT_NS"
 
 cdef struct Record:          # 128 bytes, guarded by seq (seqlock, single writer)
     uint32_t seq
@@ -130,15 +127,53 @@ cdef struct Record:          # 128 bytes, guarded by seq (seqlock, single writer
     int64_t not_before_ms
     int64_t expires_ms
     int64_t grace_until_ms
-    uint64_t gen
+    uint64_t gen             # 0 only for a record never used since the arena was made
     uint8_t digest[32]
     uint8_t digest2[32]
     uint8_t pad[8]
 
-cdef struct RateEntry:       # 96 bytes; key claimed once by CAS, buckets updated by CAS
-    uint64_t key
+cdef struct Header:          # the first 128 bytes must match _core_py.HEADER_FIELDS
+    uint64_t magic
+    uint32_t version
+    uint32_t header_size
+    uint64_t size
+    uint64_t key_capacity
+    uint64_t key_slots
+    uint64_t rate_capacity
+    uint64_t ext_bytes
+    uint64_t off_slots       # slot area A
+    uint64_t off_records
+    uint64_t off_rate        # address entries, refuse when full
+    uint64_t off_ext
+    int64_t writer_pid
+    uint64_t auth_capacity
+    uint64_t off_slots2      # slot area B
+    uint64_t off_krate       # one entry per key index
+    uint64_t off_auth        # address entries, evict when full
+    uint64_t slot_cur        # offset of the live slot area (atomic: readers load it once per lookup)
+    uint64_t slot_gen        # +1 at every slot-area swap (atomic)
+    uint64_t ext_bump        # writer only
+    uint64_t live_keys       # writer only
+    uint64_t tombstones      # writer only
+    uint64_t digests         # writer only
+    uint64_t rate_used       # atomic add, any process
+    uint64_t auth_used       # atomic add, any process
+    uint64_t alloc_hint      # writer only
+    uint64_t rebuilds        # writer only
+    uint64_t reclaimed       # atomic add, any process
+    uint64_t evicted         # atomic add, any process
+    int64_t jpid             # journal: pid of the writer that armed it
+    uint64_t jarmed          # journal: index + 1 of the record inside a write section, 0 = none
+    uint64_t hpad[2]
+    uint64_t salt[2]         # offset 256 (_core_py.SALT_OFFSET): placement secret, never exposed
+    uint64_t free_heads[EXT_CLASSES]   # writer only
+    uint64_t hpad2[6]
+    Record jrec              # journal: the record as it was when the section began
+
+cdef struct RateEntry:       # 96 bytes
+    uint64_t key             # owner (hashed regions; 0 = never used) -- unused in the key region
     uint64_t b[10]           # per window kind: two buckets (epoch parity), each (epoch << 32) | count
-    uint64_t pad
+    uint64_t touched         # now_ms of the last hit (relaxed): picks the stalest entry to evict
 
 cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
     cdef uint64_t v
@@ -151,10 +186,45 @@ cdef inline bint _eq32(const uint8_t *a, const uint8_t *b) noexcept nogil:
     x |= (_le64(a + 16) ^ _le64(b + 16)) | (_le64(a + 24) ^ _le64(b + 24))
     return x == 0
 
-cdef inline uint64_t _mix64(uint64_t x) noexcept nogil:
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
-    return x ^ (x >> 31)
+cdef inline bint _eq32_shared(const uint8_t *a, const uint8_t *shared) noexcept nogil:
+    # as _eq32, for a digest inside a record the writer may be rewriting: one
+    # relaxed atomic load per word (the seq re-check discards a torn compare)
+    cdef const uint64_t *s = <const uint64_t *>shared
+    cdef uint64_t x = (_le64(a) ^ fg_load64_rlx(s)) | (_le64(a + 8) ^ fg_load64_rlx(s + 1))
+    x |= (_le64(a + 16) ^ fg_load64_rlx(s + 2)) | (_le64(a + 24) ^ fg_load64_rlx(s + 3))
+    return x == 0
+
+cdef inline int64_t _ld_i64(const int64_t *p) noexcept nogil:
+    return <int64_t>fg_load64_rlx(<const uint64_t *>p)
+
+cdef int _crash_hook = 0
+
+
+def _set_crash_hook(int point):
+    """TEST ONLY: with point 1, the next put() in this process calls _exit(70)
+    half way through writing its record (inside the seqlock write section), as
+    a writer killed mid-write would. 0 turns it off. Costs one int compare on
+    the writer's cold path when unused."""
+    global _crash_hook
+    _crash_hook = point
+
+
+cdef bint _pid_running(int64_t pid):
+    """Cold: is pid a live process (not gone, not a zombie)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2:st.rindex(b")") + 3] != b"Z"
+    except (OSError, ValueError):
+        return True
 
 # ------------------------------------------------------------------ Arena
 
@@ -166,14 +236,17 @@ cdef class Arena:
     cdef uint8_t[::1] _view
     cdef uint8_t *base
     cdef Header *hdr
-    cdef uint64_t *slots
     cdef Record *records
+    cdef RateEntry *krates
     cdef RateEntry *rates
+    cdef RateEntry *auths
     cdef uint8_t *ext
     cdef uint64_t slot_mask
     cdef uint64_t rate_mask
+    cdef uint64_t auth_mask
     cdef uint64_t key_cap
     cdef uint64_t rate_cap
+    cdef uint64_t auth_cap
     cdef uint64_t ext_bytes
     cdef object _path
     cdef bint _owner
@@ -189,14 +262,17 @@ cdef class Arena:
         a._view = mm
         a.base = <uint8_t *>&a._view[0]
         a.hdr = <Header *>a.base
-        a.slots = <uint64_t *>(a.base + a.hdr.off_slots)
         a.records = <Record *>(a.base + a.hdr.off_records)
+        a.krates = <RateEntry *>(a.base + a.hdr.off_krate)
         a.rates = <RateEntry *>(a.base + a.hdr.off_rate)
+        a.auths = <RateEntry *>(a.base + a.hdr.off_auth)
         a.ext = a.base + a.hdr.off_ext
         a.slot_mask = a.hdr.key_slots - 1
         a.rate_mask = a.hdr.rate_capacity - 1
+        a.auth_mask = a.hdr.auth_capacity - 1
         a.key_cap = a.hdr.key_capacity
         a.rate_cap = a.hdr.rate_capacity
+        a.auth_cap = a.hdr.auth_capacity
         a.ext_bytes = a.hdr.ext_bytes
         a._path = path
         a._owner = owner
@@ -204,21 +280,30 @@ cdef class Arena:
         return a
 
     @staticmethod
-    def create(key_capacity=1_000_000, rate_capacity=1 << 18, ext_bytes=None, path=None):
-        """Map a zeroed segment: anonymous MAP_SHARED (inherited by fork) or a /dev/shm file."""
-        lay = _py.layout(key_capacity, rate_capacity, ext_bytes)
+    def create(key_capacity=1_000_000, rate_capacity=1 << 18, ext_bytes=None, path=None, *, auth_capacity=None):
+        """Map a zeroed segment: anonymous MAP_SHARED (inherited by fork) or a /dev/shm file.
+
+        key_capacity: keys (each gets its own rate entry); rate_capacity: address
+        subjects of "refuse" policies (ip_limits); auth_capacity (default
+        rate_capacity): address subjects of "evict" policies (failed auth)."""
+        lay = _py.layout(key_capacity, rate_capacity, ext_bytes, auth_capacity)
         mm = _py.map_segment(lay["size"], path)
-        _py.write_header(mm, lay, os.getpid())
+        _py.write_header(mm, lay, os.getpid(), secrets.token_bytes(16))
         cdef Arena a = Arena._wrap(mm, path, True)
         a.hdr.ext_bump = 64          # offset 0 means "no extension"
+        a.hdr.slot_cur = a.hdr.off_slots
         return a
 
     @staticmethod
     def attach(path):
         """Map an existing /dev/shm arena by path; validates magic, version and layout."""
         mm = _py.open_segment(path)
-        _py.read_header(mm, repr(path))
-        return Arena._wrap(mm, path, False)
+        h = _py.read_header(mm, repr(path))
+        cdef Arena a = Arena._wrap(mm, path, False)
+        cur = fg_load64_acq(&a.hdr.slot_cur)
+        if cur != h["off_slots"] and cur != h["off_slots2"]:
+            raise CoreError(f"arena {path!r} header field slot_cur is {cur}; expected one of the two slot areas")
+        return a
 
     @property
     def size(self):
@@ -231,6 +316,10 @@ cdef class Arena:
     @property
     def rate_capacity(self):
         return self.rate_cap
+
+    @property
+    def auth_capacity(self):
+        return self.auth_cap
 
     @property
     def path(self):
@@ -247,15 +336,64 @@ cdef class Arena:
     def set_writer(self, int pid):
         """Hand the single-writer role to another process. Callable by the current
         writer, and by the creating process itself (the master), which must be
-        able to hand the role to a replacement when the writer died."""
+        able to hand the role to a replacement when the writer died.
+
+        A writer that died inside a record's write section left that record's
+        journal armed: unless that writer is still running, the record is put
+        back as it was before the section (normalised) right here, so readers
+        stop answering KEY_BUSY for it now, not at the new writer's first write."""
         if getpid() != self._creator_pid:
             self._require_writer()
+        cdef int64_t jpid = self.hdr.jpid
+        if self.hdr.jarmed and (jpid == getpid() or not _pid_running(jpid)):
+            self._normalise()
         self.hdr.writer_pid = pid
+
+    def recover(self):
+        """Normalise a record a dead writer left mid-write (what set_writer and every
+        writer operation do first); True if there was one. Writer or creator only."""
+        if getpid() != self._creator_pid:
+            self._require_writer()
+        if not self.hdr.jarmed:
+            return False
+        self._normalise()
+        return True
 
     cdef _require_writer(self):
         cdef int64_t me = getpid()
         if self.hdr.writer_pid != me:
             raise CoreError(f"only the writer process (pid {self.hdr.writer_pid}) may write the arena; this is pid {me}")
+        if self.hdr.jarmed:
+            # nothing inside a write section can raise or return early, so an
+            # armed journal here is a previous writer's that died mid-write
+            self._normalise()
+
+    cdef void _normalise(self) noexcept:
+        """Put the journalled record back as it was before its interrupted section.
+
+        Only its old field values are restored: they are what readers accepted
+        last, and everything they reference (ext block, digest slots) is still
+        in place, because a writer frees or unlinks those only after the
+        section ends. Readers never see the torn state: the record stays odd
+        until the final release store makes it even, with a seq above any they
+        have sampled."""
+        cdef uint64_t k = self.hdr.jarmed - 1
+        cdef Record *r
+        cdef uint32_t s
+        if k < self.key_cap:
+            r = &self.records[k]
+            s = fg_load32_rlx(&r.seq) | 1
+            fg_store32_rlx(&r.seq, s)
+            fg_fence_rel()
+            memcpy(<uint8_t *>r + 4, <uint8_t *>&self.hdr.jrec + 4, sizeof(Record) - 4)
+            fg_store32_rel(&r.seq, s + 1)
+        self.hdr.jarmed = 0
+        self.hdr.jpid = 0
+
+    cdef inline uint64_t *_slots(self) noexcept:
+        # acquire: pairs with the release store of slot_cur at a swap, so the
+        # area's contents as built before the swap are visible
+        return <uint64_t *>(self.base + fg_load64_acq(&self.hdr.slot_cur))
 
     def unlink(self):
         if not self._owner:
@@ -265,6 +403,18 @@ cdef class Arena:
                 os.unlink(self._path)
             except FileNotFoundError:
                 pass
+
+    cdef void _release_pages(self, uint64_t off, uint64_t n) noexcept:
+        # best effort: give a retired slot area's pages back (shmem/tmpfs); any
+        # reader still in it reads zeros = EMPTY, and its miss re-check of
+        # slot_gen sends it to the live area
+        cdef uint64_t lo = (off + 4095) & ~(<uint64_t>4095), hi = (off + n) & ~(<uint64_t>4095)
+        if hi <= lo:
+            return
+        try:
+            self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+        except BaseException:
+            pass
 
     # ---- extension heap: power-of-two blocks, writer only; readers reach a
     # block only through a record, under that record's seqlock.
@@ -298,6 +448,12 @@ cdef class Arena:
             c += 1
         memcpy(self.ext + off, &self.hdr.free_heads[c], 8)
         self.hdr.free_heads[c] = off
+
+
+cdef Header _hdr_probe
+if (<size_t>&_hdr_probe.salt - <size_t>&_hdr_probe) != _py.SALT_OFFSET or \
+        (<size_t>&_hdr_probe.slot_cur - <size_t>&_hdr_probe) != 128 or sizeof(Header) > _py.HEADER_SIZE:
+    raise ImportError("fastgate._core: Header layout does not match _core_py (salt/slot_cur offsets or size)")
 
 
 # ------------------------------------------------------------------ ranges (CIDR search)
@@ -446,15 +602,20 @@ cdef bint _well_formed(const uint8_t *p, Py_ssize_t n) noexcept nogil:
     return chk == fg_crc32(p, n - 6)
 
 
+
+
 cdef inline void _w_begin(Record *r) noexcept nogil:
-    # seqlock write side (single writer): odd seq, then release fence so the
-    # odd value is visible before any of the field stores that follow
-    fg_store32_rlx(&r.seq, fg_load32_rlx(&r.seq) + 1)
+    # seqlock write side (single writer): force seq odd -- a dead writer may
+    # have left it odd already, and +1 would then make it even mid-write --
+    # then a release fence so the odd value is visible before any of the
+    # field stores that follow
+    fg_store32_rlx(&r.seq, fg_load32_rlx(&r.seq) | 1)
     fg_fence_rel()
 
 cdef inline void _w_end(Record *r) noexcept nogil:
-    # release: every field store above is visible before the even seq
-    fg_store32_rel(&r.seq, fg_load32_rlx(&r.seq) + 1)
+    # release: every field store above is visible before the even seq, which
+    # is above every value a reader can have sampled before
+    fg_store32_rel(&r.seq, (fg_load32_rlx(&r.seq) | 1) + 1)
 
 
 cdef class KeyTable:
@@ -462,7 +623,6 @@ cdef class KeyTable:
 
     cdef Arena arena
     cdef Header *hdr
-    cdef uint64_t *slots
     cdef Record *records
     cdef uint8_t *ext
     cdef uint64_t slot_mask
@@ -479,7 +639,6 @@ cdef class KeyTable:
     def __init__(self, Arena arena not None, secret=None):
         self.arena = arena
         self.hdr = arena.hdr
-        self.slots = arena.slots
         self.records = arena.records
         self.ext = arena.ext
         self.slot_mask = arena.slot_mask
@@ -539,22 +698,39 @@ cdef class KeyTable:
         cdef Py_ssize_t pn = PyBytes_GET_SIZE(path)
         # the digest is a keyed cryptographic hash, so its first 8 bytes are
         # already uniform: they pick the slot (low bits) and the tag (high bits)
-        cdef uint64_t h = _le64(d), v, ref
-        cdef uint64_t i = h & self.slot_mask, n
+        cdef uint64_t h = _le64(d), v, ref, gen
+        cdef uint64_t i, n
         cdef uint64_t tag = h >> 32
+        cdef uint64_t *slots
         cdef int64_t r
-        for n in range(self.nslots):
-            # acquire: pairs with the writer's release store of the slot, so
-            # the record it points to is at least as new as the slot
-            v = fg_load64_acq(&self.slots[i])
-            if v == SLOT_EMPTY:
+        cdef int tries
+        for tries in range(MISS_RETRIES):
+            # acquire: slot_gen before slot_cur, so that a reader that sees a
+            # new generation also sees the area it published
+            gen = fg_load64_acq(&self.hdr.slot_gen)
+            slots = self.arena._slots()
+            i = h & self.slot_mask
+            for n in range(self.nslots):
+                # acquire: pairs with the writer's release store of the slot, so
+                # the record it points to is at least as new as the slot
+                v = fg_load64_acq(&slots[i])
+                if v == SLOT_EMPTY:
+                    break
+                ref = v & LO32
+                if ref != SLOT_TOMB and (v >> 32) == tag and ref - 1 < self.cap:
+                    # a hit is decided by the record (full digest compare under
+                    # its seqlock), never by the slot, so a stale area can only
+                    # cost a miss, never admit a wrong key
+                    r = self._eval(ref - 1, d, mbit, pp, pn, pv, p4, ph, pl, now)
+                    if r != NOT_THIS:
+                        return r
+                i = (i + 1) & self.slot_mask
+            # a miss is only trusted if no swap happened meanwhile: the writer
+            # bumps slot_gen, then fences, before it touches a retired area, so
+            # a reader that read any such store sees the new generation here
+            fg_fence_acq()
+            if fg_load64_rlx(&self.hdr.slot_gen) == gen:
                 return C_NO_SUCH_KEY
-            ref = v & LO32
-            if ref != SLOT_TOMB and (v >> 32) == tag and ref - 1 < self.cap:
-                r = self._eval(ref - 1, d, mbit, pp, pn, pv, p4, ph, pl, now)
-                if r != NOT_THIS:
-                    return r
-            i = (i + 1) & self.slot_mask
         return C_NO_SUCH_KEY
 
     cdef int64_t _eval(self, uint64_t k, const uint8_t *d, int mbit, const uint8_t *pp, Py_ssize_t pn,
@@ -562,56 +738,62 @@ cdef class KeyTable:
         cdef Record *rec = &self.records[k]
         cdef uint32_t s1, s2, flags, plan = 0
         cdef uint32_t lim[N_WIN]
-        cdef int64_t res
+        cdef int64_t res, expires, deadline = 0, t
         cdef uint64_t spins = 0, eoff, elen
         while True:
-            # seqlock read side: acquire load of seq, plain loads of the fields
-            # (possibly torn), acquire fence, then re-load seq; an odd or
-            # changed seq means a write overlapped and the result is discarded
+            # seqlock read side: acquire load of seq, relaxed atomic loads of
+            # the fields (possibly torn, each read exactly once), acquire
+            # fence, then re-load seq; an odd or changed seq means a write
+            # overlapped and the result is discarded
             s1 = fg_load32_acq(&rec.seq)
-            if s1 & 1:
-                spins += 1
-                if spins > SPIN_MAX:
-                    return C_KEY_BUSY
-                fg_cpu_relax()
-                continue
-            memset(lim, 0, sizeof(lim))
-            flags = rec.flags
-            if not (flags & F_LIVE):
-                res = NOT_THIS
-            elif not (_eq32(d, rec.digest) or (now < rec.grace_until_ms and _eq32(d, rec.digest2))):
-                res = NOT_THIS
-            elif flags & F_REVOKED:
-                res = C_KEY_REVOKED
-            elif flags & F_DISABLED:
-                res = C_KEY_DISABLED
-            elif now < rec.not_before_ms:
-                res = C_KEY_NOT_YET_VALID
-            elif rec.expires_ms != 0 and now >= rec.expires_ms:
-                res = C_KEY_EXPIRED
-            else:
-                plan = rec.plan_id
-                eoff = rec.ext_off
-                elen = rec.ext_len
-                if eoff == 0:
-                    res = <int64_t>k
-                elif eoff + elen > self.ext_bytes or elen < EXT_HEADER:
-                    res = C_KEY_BUSY     # torn: the seq check below decides
+            if not (s1 & 1):
+                memset(lim, 0, sizeof(lim))
+                flags = fg_load32_rlx(&rec.flags)
+                if not (flags & F_LIVE):
+                    res = NOT_THIS
+                elif not (_eq32_shared(d, rec.digest) or
+                          (now < _ld_i64(&rec.grace_until_ms) and _eq32_shared(d, rec.digest2))):
+                    res = NOT_THIS
+                elif flags & F_REVOKED:
+                    res = C_KEY_REVOKED
+                elif flags & F_DISABLED:
+                    res = C_KEY_DISABLED
+                elif now < _ld_i64(&rec.not_before_ms):
+                    res = C_KEY_NOT_YET_VALID
                 else:
-                    res = _ext_eval(self.ext + eoff, elen, mbit, pp, pn, pv, p4, ph, pl, lim)
-                    if res == 0:
-                        res = <int64_t>k
-            fg_fence_acq()
-            s2 = fg_load32_rlx(&rec.seq)
-            if s1 == s2:
-                if res >= 0:
-                    self.last_plan = plan
-                    self.last_index = <int64_t>k
-                    memcpy(self.last_limits, lim, sizeof(lim))
-                return res
+                    expires = _ld_i64(&rec.expires_ms)
+                    if expires != 0 and now >= expires:
+                        res = C_KEY_EXPIRED
+                    else:
+                        plan = fg_load32_rlx(&rec.plan_id)
+                        eoff = fg_load64_rlx(&rec.ext_off)
+                        elen = fg_load32_rlx(&rec.ext_len)
+                        if eoff == 0:
+                            res = <int64_t>k
+                        elif eoff > self.ext_bytes or elen > self.ext_bytes - eoff or elen < EXT_HEADER:
+                            res = C_KEY_BUSY     # torn (written so it cannot wrap): the seq check decides
+                        else:
+                            res = _ext_eval(self.ext + eoff, elen, mbit, pp, pn, pv, p4, ph, pl, lim)
+                            if res == 0:
+                                res = <int64_t>k
+                fg_fence_acq()
+                s2 = fg_load32_rlx(&rec.seq)
+                if s1 == s2:
+                    if res >= 0:
+                        self.last_plan = plan
+                        self.last_index = <int64_t>k
+                        memcpy(self.last_limits, lim, sizeof(lim))
+                    return res
+            # mid-write: wait by time, not by a spin count (a few hundred us at
+            # most, with the clock read every 64 spins), then fail closed
             spins += 1
-            if spins > SPIN_MAX:
-                return C_KEY_BUSY
+            if (spins & 63) == 0:
+                t = fg_mono_ns()
+                if deadline == 0:
+                    deadline = t + BUSY_WAIT_NS
+                elif t > deadline:
+                    return C_KEY_BUSY
+            fg_cpu_relax()
 
     # ---------------------------------------------------------- writer (cold)
 
@@ -620,12 +802,28 @@ cdef class KeyTable:
             raise CoreError(f"key index must be 0..{self.cap - 1}, found {key_index!r}")
         return key_index
 
+    cdef void _begin(self, uint64_t k) noexcept:
+        # journal first: a writer that dies inside the section leaves enough
+        # for its successor to put the record back (Arena._normalise). Only a
+        # later writer reads the journal, after this process is gone, so
+        # program order is all the ordering it needs.
+        cdef Record *r = &self.records[k]
+        memcpy(&self.hdr.jrec, r, sizeof(Record))
+        self.hdr.jpid = getpid()
+        self.hdr.jarmed = k + 1
+        _w_begin(r)
+
+    cdef void _end(self, uint64_t k) noexcept:
+        _w_end(&self.records[k])
+        self.hdr.jarmed = 0
+
     cdef int64_t _find(self, const uint8_t *d, int64_t *slot_out) noexcept:
         """Writer: key index owning digest d (either of its digests), or -1."""
+        cdef uint64_t *slots = self.arena._slots()
         cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, ref, n
         cdef Record *r
         for n in range(self.nslots):
-            v = self.slots[i]
+            v = slots[i]
             if v == SLOT_EMPTY:
                 return -1
             ref = v & LO32
@@ -639,10 +837,11 @@ cdef class KeyTable:
         return -1
 
     cdef int _insert(self, const uint8_t *d, uint64_t k) except -1:
+        cdef uint64_t *slots = self.arena._slots()
         cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, n
         cdef int64_t tomb = -1
         for n in range(self.nslots):
-            v = self.slots[i]
+            v = slots[i]
             if v == SLOT_EMPTY:
                 break
             if (v & LO32) == SLOT_TOMB and tomb < 0:
@@ -656,23 +855,96 @@ cdef class KeyTable:
             self.hdr.tombstones -= 1
         # release: the record (written before this call) is visible to any
         # reader that sees this slot
-        fg_store64_rel(&self.slots[i], ((h >> 32) << 32) | (k + 1))
+        fg_store64_rel(&slots[i], ((h >> 32) << 32) | (k + 1))
         self.hdr.digests += 1
         return 0
 
     cdef void _remove(self, const uint8_t *d, uint64_t k) noexcept:
+        cdef uint64_t *slots = self.arena._slots()
         cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, n
         for n in range(self.nslots):
-            v = self.slots[i]
+            v = slots[i]
             if v == SLOT_EMPTY:
                 return
             if v == (((h >> 32) << 32) | (k + 1)):
                 # tombstone, not empty: later slots of this probe chain stay reachable
-                fg_store64_rel(&self.slots[i], ((h >> 32) << 32) | SLOT_TOMB)
+                fg_store64_rel(&slots[i], ((h >> 32) << 32) | SLOT_TOMB)
                 self.hdr.tombstones += 1
                 self.hdr.digests -= 1
                 return
             i = (i + 1) & self.slot_mask
+
+    cdef int _maybe_rebuild(self) except -1:
+        # tombstones only lengthen probe chains (a miss walks to the first
+        # empty slot), so past 1/8 of the slots the index is rebuilt
+        if self.hdr.tombstones * 8 > self.nslots:
+            self._rebuild()
+        return 0
+
+    cdef int _rebuild(self) except -1:
+        """Writer: copy the live digests into the spare slot area, then swap.
+
+        The live area is not modified while this runs; readers keep using it
+        until the one release store of slot_cur points them at the new one."""
+        cdef Arena a = self.arena
+        cdef Header *hdr = self.hdr
+        cdef uint64_t cur_off = hdr.slot_cur
+        cdef uint64_t new_off = hdr.off_slots2 if cur_off == hdr.off_slots else hdr.off_slots
+        cdef uint64_t *src = <uint64_t *>(a.base + cur_off)
+        cdef uint64_t *dst = <uint64_t *>(a.base + new_off)
+        cdef uint64_t i, j, v, ref, tag, h, val, pos, placed = 0
+        cdef Record *r
+        cdef const uint8_t *dg
+        # The spare area may still hold the slots of two swaps ago, and a reader
+        # stalled since then may still walk it. Clearing it with relaxed atomic
+        # stores is safe: slot_gen has changed since that reader began (the
+        # swap that retired this area bumped it, then fenced), so its miss
+        # re-check sends it to the live area; a hit through a cleared or new
+        # slot is still decided by the record.
+        for i in range(self.nslots):
+            fg_store64_rlx(&dst[i], SLOT_EMPTY)
+        for i in range(self.nslots):
+            v = src[i]
+            ref = v & LO32
+            if v == SLOT_EMPTY or ref == SLOT_TOMB or ref - 1 >= self.cap:
+                continue
+            r = &self.records[ref - 1]
+            if not (r.flags & F_LIVE):
+                continue
+            tag = v >> 32
+            for j in range(2):
+                if j == 0:
+                    dg = &r.digest[0]
+                elif r.grace_until_ms == 0:
+                    break
+                else:
+                    dg = &r.digest2[0]
+                h = _le64(dg)
+                if (h >> 32) != tag:
+                    continue
+                val = ((h >> 32) << 32) | ref
+                pos = h & self.slot_mask
+                while True:
+                    v = dst[pos]
+                    if v == SLOT_EMPTY:
+                        fg_store64_rlx(&dst[pos], val)
+                        placed += 1
+                        break
+                    if v == val:     # both digests of a key share a tag: one slot serves both
+                        break
+                    pos = (pos + 1) & self.slot_mask
+        # publish: release store of the new offset (the area's stores above are
+        # visible to whoever loads it), then the generation, then a release
+        # fence so that no later store to the retired area can be seen by a
+        # reader that does not also see the new generation
+        fg_store64_rel(&hdr.slot_cur, new_off)
+        fg_store64_rel(&hdr.slot_gen, hdr.slot_gen + 1)
+        fg_fence_rel()
+        hdr.tombstones = 0
+        hdr.digests = placed
+        hdr.rebuilds += 1
+        a._release_pages(cur_off, 8 * self.nslots)
+        return 0
 
     cdef int _ensure_findable(self, uint64_t k) except -1:
         # the only digest-slot ambiguity is two digests of one key sharing a
@@ -699,30 +971,36 @@ cdef class KeyTable:
 
     def put(self, key_index, bytes digest not None, *, plan_id=0, flags=0, not_before_ms=0, expires_ms=0,
             scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta=b"", where="key",
-            bytes prev_digest=None, int64_t grace_until_ms=0):
+            bytes prev_digest=None, grace_until_ms=0):
         """Insert or replace the record at key_index (writer only). prev_digest with
-        grace_until_ms > 0 keeps a rotated-out digest valid across the replace."""
+        grace_until_ms > 0 keeps a rotated-out digest valid across the replace.
+
+        Every argument is converted and checked before the record's write
+        section begins: nothing inside it can raise."""
         self.arena._require_writer()
         cdef uint64_t k = self._k(key_index)
         _py._check_digest(digest)
+        nb, ex, gr = _py._check_times(not_before_ms, expires_ms, grace_until_ms)
+        cdef int64_t c_nb = nb, c_ex = ex, c_gr = gr
         cdef const uint8_t *p = NULL
         cdef int64_t other2
-        if grace_until_ms > 0 and prev_digest is not None:
+        if c_gr > 0 and prev_digest is not None:
             _py._check_digest(prev_digest)
             p = <const uint8_t *>PyBytes_AS_STRING(prev_digest)
             other2 = self._find(p, NULL)
             if other2 >= 0 and <uint64_t>other2 != k:
                 raise CoreError(f"digest already belongs to key index {other2}")
         else:
-            grace_until_ms = 0
+            c_gr = 0
         sc = _py.compile_scopes(scopes, f"{where}.scopes")
         al = _py.compile_cidrs(allow_cidrs, f"{where}.allow_cidrs")
         de = _py.compile_cidrs(deny_cidrs, f"{where}.deny_cidrs")
         li = _py.compile_limits(limits, f"{where}.limits")
-        if not 0 <= plan_id < (1 << 31):
-            raise CoreError(f"plan_id must be 0..2**31-1, found {plan_id}")
-        if flags & ~(F_DISABLED | F_REVOKED):
-            raise CoreError(f"flags may only combine FLAG_DISABLED and FLAG_REVOKED, found {flags:#x}")
+        if not isinstance(plan_id, int) or not 0 <= plan_id < (1 << 31):
+            raise CoreError(f"plan_id must be 0..2**31-1, found {plan_id!r}")
+        if not isinstance(flags, int) or flags & ~(F_DISABLED | F_REVOKED):
+            raise CoreError(f"flags may only combine FLAG_DISABLED and FLAG_REVOKED, found {flags!r}")
+        cdef uint32_t c_plan = plan_id, c_flags = F_LIVE | flags
         cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(digest)
         cdef int64_t other = self._find(d, NULL)
         if other >= 0 and <uint64_t>other != k:
@@ -740,23 +1018,36 @@ cdef class KeyTable:
         cdef uint8_t old1[32]
         cdef uint8_t old2[32]
         cdef bint had2 = was_live and r.grace_until_ms != 0
+        cdef RateEntry *ke
+        cdef int j
         memcpy(old1, r.digest, 32)
         memcpy(old2, r.digest2, 32)
-        _w_begin(r)
-        r.flags = F_LIVE | flags
-        r.plan_id = plan_id
-        r.not_before_ms = not_before_ms
-        r.expires_ms = expires_ms
-        r.grace_until_ms = grace_until_ms
-        r.ext_off = eoff
-        r.ext_len = elen
+        if not was_live and r.gen != 0:
+            # the index held another key before: its counters must not carry
+            # over. Zeroed before the record turns live (the release in _end
+            # orders these stores first); hits of the old key still in flight
+            # can only add to the new key's counts, never hide any.
+            ke = &self.arena.krates[k]
+            for j in range(2 * N_WIN):
+                fg_store64_rlx(&ke.b[j], 0)
+            fg_store64_rlx(&ke.touched, 0)
+        self._begin(k)
+        fg_store32_rlx(&r.flags, c_flags)
+        fg_store32_rlx(&r.plan_id, c_plan)
+        fg_store64_rlx(<uint64_t *>&r.not_before_ms, <uint64_t>c_nb)
+        if _crash_hook == 1:
+            _exit(70)        # TEST ONLY (see _set_crash_hook)
+        fg_store64_rlx(<uint64_t *>&r.expires_ms, <uint64_t>c_ex)
+        fg_store64_rlx(<uint64_t *>&r.grace_until_ms, <uint64_t>c_gr)
+        fg_store64_rlx(&r.ext_off, eoff)
+        fg_store32_rlx(&r.ext_len, <uint32_t>elen)
         r.gen = r.gen + 1 if was_live else 1
         memcpy(r.digest, d, 32)
         if p != NULL:
             memcpy(r.digest2, p, 32)
         else:
             memset(r.digest2, 0, 32)
-        _w_end(r)
+        self._end(k)
         if not was_live:
             self.hdr.live_keys += 1
             self._insert(d, k)
@@ -773,8 +1064,9 @@ cdef class KeyTable:
                 self._remove(old2, k)
             self._ensure_findable(k)
             self.arena._ext_free(old_off, old_len)
+        self._maybe_rebuild()
 
-    def rotate(self, key_index, bytes new_digest not None, int64_t grace_until_ms):
+    def rotate(self, key_index, bytes new_digest not None, grace_until_ms):
         """New digest for a live key; the old one stays valid while now_ms < grace_until_ms (0: not at all)."""
         self.arena._require_writer()
         cdef uint64_t k = self._k(key_index)
@@ -782,6 +1074,7 @@ cdef class KeyTable:
         if not (r.flags & F_LIVE):
             raise CoreError(f"key index {key_index} is not in use")
         _py._check_digest(new_digest)
+        cdef int64_t c_gr = _py._check_i64("grace_until_ms", grace_until_ms)
         cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(new_digest)
         cdef int64_t other = self._find(d, NULL)
         if other >= 0:
@@ -792,21 +1085,22 @@ cdef class KeyTable:
         memcpy(old1, r.digest, 32)
         memcpy(old2, r.digest2, 32)
         self._insert(d, k)
-        _w_begin(r)
+        self._begin(k)
         memcpy(r.digest, d, 32)
-        if grace_until_ms > 0:
+        if c_gr > 0:
             memcpy(r.digest2, old1, 32)
-            r.grace_until_ms = grace_until_ms
+            fg_store64_rlx(<uint64_t *>&r.grace_until_ms, <uint64_t>c_gr)
         else:
             memset(r.digest2, 0, 32)
-            r.grace_until_ms = 0
+            fg_store64_rlx(<uint64_t *>&r.grace_until_ms, 0)
         r.gen += 1
-        _w_end(r)
+        self._end(k)
         if had2:
             self._remove(old2, k)
-        if grace_until_ms <= 0:
+        if c_gr <= 0:
             self._remove(old1, k)
         self._ensure_findable(k)
+        self._maybe_rebuild()
 
     cdef bint _set_flags(self, key_index, uint32_t setm, uint32_t clearm) except -1:
         self.arena._require_writer()
@@ -814,10 +1108,10 @@ cdef class KeyTable:
         cdef Record *r = &self.records[k]
         if not (r.flags & F_LIVE):
             return False
-        _w_begin(r)
-        r.flags = (r.flags | setm) & ~clearm
+        self._begin(k)
+        fg_store32_rlx(&r.flags, (r.flags | setm) & ~clearm)
         r.gen += 1
-        _w_end(r)
+        self._end(k)
         return True
 
     def revoke(self, key_index):
@@ -834,19 +1128,27 @@ cdef class KeyTable:
         if not (r.flags & F_LIVE):
             return False
         cdef bint had2 = r.grace_until_ms != 0
-        _w_begin(r)
-        r.flags = 0
-        _w_end(r)
-        self._remove(r.digest, k)
+        cdef uint64_t old_off = r.ext_off, old_len = r.ext_len
+        cdef uint8_t old1[32]
+        cdef uint8_t old2[32]
+        memcpy(old1, r.digest, 32)
+        memcpy(old2, r.digest2, 32)
+        # one section: the record stops being live; its slots and extension
+        # block are released only after it, so a reader that saw it live
+        # either finished first or fails its seq re-check
+        self._begin(k)
+        fg_store32_rlx(&r.flags, 0)
+        fg_store64_rlx(&r.ext_off, 0)
+        fg_store32_rlx(&r.ext_len, 0)
+        fg_store64_rlx(<uint64_t *>&r.grace_until_ms, 0)
+        r.gen += 1
+        self._end(k)
+        self._remove(old1, k)
         if had2:
-            self._remove(r.digest2, k)
-        self.arena._ext_free(r.ext_off, r.ext_len)
-        _w_begin(r)
-        r.ext_off = 0
-        r.ext_len = 0
-        r.grace_until_ms = 0
-        _w_end(r)
+            self._remove(old2, k)
+        self.arena._ext_free(old_off, old_len)
         self.hdr.live_keys -= 1
+        self._maybe_rebuild()
         return True
 
     def sweep(self, int64_t now_ms):
@@ -860,14 +1162,15 @@ cdef class KeyTable:
             r = &self.records[k]
             if (r.flags & F_LIVE) and r.grace_until_ms != 0 and now_ms >= r.grace_until_ms:
                 memcpy(old2, r.digest2, 32)
-                _w_begin(r)
-                r.grace_until_ms = 0
+                self._begin(k)
+                fg_store64_rlx(<uint64_t *>&r.grace_until_ms, 0)
                 memset(r.digest2, 0, 32)
                 r.gen += 1
-                _w_end(r)
+                self._end(k)
                 self._remove(old2, k)
                 self._ensure_findable(k)
                 n += 1
+        self._maybe_rebuild()
         return n
 
     # ---------------------------------------------------------- readers (cold)
@@ -875,7 +1178,7 @@ cdef class KeyTable:
     cdef int _snapshot(self, uint64_t k, Record *out) except -1:
         cdef Record *r = &self.records[k]
         cdef uint32_t s1
-        cdef uint64_t spins = 0
+        cdef int64_t deadline = fg_mono_ns() + SNAP_WAIT_NS
         while True:
             s1 = fg_load32_acq(&r.seq)
             if not (s1 & 1):
@@ -883,8 +1186,7 @@ cdef class KeyTable:
                 fg_fence_acq()
                 if fg_load32_rlx(&r.seq) == s1:
                     return 0
-            spins += 1
-            if spins > SPIN_MAX:
+            if fg_mono_ns() > deadline:
                 raise CoreError(f"key record {k} stayed locked by the writer (writer died mid-write?)")
             fg_cpu_relax()
 
@@ -893,22 +1195,22 @@ cdef class KeyTable:
         cdef Record *r = &self.records[k]
         cdef Record snap
         cdef uint32_t s1
-        cdef uint64_t spins = 0
+        cdef int64_t deadline = fg_mono_ns() + SNAP_WAIT_NS
         cdef bytes blob
         while True:
             s1 = fg_load32_acq(&r.seq)
             if not (s1 & 1):
                 memcpy(&snap, r, sizeof(Record))
-                if snap.ext_off != 0 and snap.ext_off + snap.ext_len <= self.ext_bytes:
+                if snap.ext_off != 0 and snap.ext_off <= self.ext_bytes and snap.ext_len <= self.ext_bytes - snap.ext_off:
                     blob = PyBytes_FromStringAndSize(<char *>(self.ext + snap.ext_off), snap.ext_len)
                 else:
                     blob = b""
                 fg_fence_acq()
                 if fg_load32_rlx(&r.seq) == s1:
                     return snap, blob
-            spins += 1
-            if spins > SPIN_MAX:
+            if fg_mono_ns() > deadline:
                 raise CoreError(f"key record {k} stayed locked by the writer (writer died mid-write?)")
+            fg_cpu_relax()
 
     def info(self, key_index):
         cdef uint64_t k = self._k(key_index)
@@ -951,23 +1253,44 @@ cdef class KeyTable:
                 out[i] = int.from_bytes(blob[32 + 4 * i:36 + 4 * i], "little")
         return 0
 
+    def probes(self, bytes digest not None):
+        """Slots a lookup of digest visits in the live area (cold; for tests and tools)."""
+        if PyBytes_GET_SIZE(digest) != 32:
+            raise CoreError("expected a 32-byte digest")
+        cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(digest)
+        cdef uint64_t *slots = self.arena._slots()
+        cdef uint64_t h = _le64(d), i = h & self.slot_mask, v, ref, n
+        for n in range(self.nslots):
+            v = fg_load64_acq(&slots[i])
+            if v == SLOT_EMPTY:
+                return n + 1
+            ref = v & LO32
+            if ref != SLOT_TOMB and (v >> 32) == (h >> 32) and ref - 1 < self.cap and \
+                    _eq32(d, self.records[ref - 1].digest):
+                return n + 1
+            i = (i + 1) & self.slot_mask
+        return self.nslots
+
     def __len__(self):
         return self.hdr.live_keys
 
     def stats(self):
         return dict(capacity=self.cap, live=self.hdr.live_keys, digests=self.hdr.digests,
-                    slots=self.nslots, tombstones=self.hdr.tombstones, ext_used=self.hdr.ext_bump,
-                    ext_bytes=self.ext_bytes)
+                    slots=self.nslots, tombstones=self.hdr.tombstones, rebuilds=self.hdr.rebuilds,
+                    ext_used=self.hdr.ext_bump, ext_bytes=self.ext_bytes)
 
 
 cdef inline int64_t _ext_eval(const uint8_t *b, uint64_t blen, int mbit, const uint8_t *pp, Py_ssize_t pn,
                               int pv, uint32_t p4, uint64_t ph, uint64_t pl, uint32_t *lim) noexcept nogil:
-    # Reads a block that the writer may be recycling right now: every count and
-    # offset is bounds-checked so torn data can only produce a wrong answer,
-    # which the caller's seq check then throws away.
+    # Reads a block that the writer may be recycling right now. Every count
+    # and offset that bounds a memory access is loaded exactly once (relaxed
+    # atomic loads: the compiler may not re-read them after the check) and
+    # checked so torn data can only produce a wrong answer, which the
+    # caller's seq check then throws away.
     cdef const uint32_t *H = <const uint32_t *>b
-    cdef uint64_t total = H[0], ns = H[1], a4 = H[2], a6 = H[3], d4 = H[4], d6 = H[5]
-    cdef uint64_t fixed, i, plen, poff
+    cdef uint64_t total = fg_load32_rlx(H), ns = fg_load32_rlx(H + 1), a4 = fg_load32_rlx(H + 2)
+    cdef uint64_t a6 = fg_load32_rlx(H + 3), d4 = fg_load32_rlx(H + 4), d6 = fg_load32_rlx(H + 5)
+    cdef uint64_t fixed, i, plen, poff, ent
     cdef const uint8_t *s
     cdef const uint32_t *r4
     cdef const uint64_t *r6
@@ -976,18 +1299,22 @@ cdef inline int64_t _ext_eval(const uint8_t *b, uint64_t blen, int mbit, const u
     cdef uint8_t kind
     if total > blen:
         return C_KEY_BUSY
+    # each term is a u32 count times a small constant: the sum cannot wrap
     fixed = EXT_HEADER + 8 * ns + 8 * (a4 + d4) + 32 * (a6 + d6)
     if fixed > total:
         return C_KEY_BUSY
-    memcpy(lim, H + 8, 4 * N_WIN)
+    for i in range(N_WIN):
+        lim[i] = fg_load32_rlx(H + 8 + i)
     if ns:
         ok = False
         s = b + EXT_HEADER
         for i in range(ns):
-            memcpy(&methods, s + 8 * i, 2)
-            kind = s[8 * i + 2]
-            plen = (<const uint16_t *>(s + 8 * i + 4))[0]
-            poff = (<const uint16_t *>(s + 8 * i + 6))[0]
+            # one 8-byte load per scope entry: u16 methods, u8 kind, u8 0, u16 len, u16 off
+            ent = fg_load64_rlx(<const uint64_t *>(s + 8 * i))
+            methods = <uint16_t>(ent & 0xFFFF)
+            kind = <uint8_t>((ent >> 16) & 0xFF)
+            plen = (ent >> 32) & 0xFFFF
+            poff = ent >> 48
             if poff + plen > total:
                 return C_KEY_BUSY
             if not (methods & mbit) or <uint64_t>pn < plen:
@@ -1017,7 +1344,10 @@ cdef inline int64_t _ext_eval(const uint8_t *b, uint64_t blen, int mbit, const u
                 return C_KEY_IP_DENIED
             if (a4 | a6) and not (a6 and _in6(r6, <uint32_t>a6, ph, pl)):
                 return C_KEY_IP_DENIED
-        elif a4 | a6:
+        else:
+            # unknown client address (b"": e.g. an unparseable forwarded
+            # address) and any per-key rule at all: deny, as the global IP
+            # rules do -- a deny list must not be escaped by hiding the address
             return C_KEY_IP_DENIED
     return 0
 
@@ -1079,19 +1409,58 @@ cdef inline uint64_t _retry(uint64_t L, uint64_t c, uint64_t prev, uint64_t curr
     return (W - t) + W2 - ((L - c) * W2) // curr
 
 
+
+
+cdef inline void _epochs(int64_t now, uint32_t *ep) noexcept nogil:
+    cdef int64_t e, start, W, W2
+    cdef int w
+    for w in range(N_WIN):
+        _bounds(w, now, &e, &start, &W, &W2)
+        ep[w] = <uint32_t>e
+
+cdef inline bint _expired(RateEntry *e, const uint32_t *ep) noexcept nogil:
+    # mirrors _core_py.entry_expired: no bucket can count any more (each is
+    # empty or >= 2 windows old; a bucket "from the future", written by a
+    # process whose clock is ahead, counts as live)
+    cdef int w, j
+    cdef uint64_t v
+    cdef uint32_t d
+    for w in range(N_WIN):
+        for j in range(2):
+            v = fg_load64_acq(&e.b[2 * w + j])
+            if v & LO32:
+                d = ep[w] - <uint32_t>(v >> 32)
+                if d < 2 or (d & <uint32_t>0x80000000):
+                    return False
+    return True
+
+
 cdef class RateTable:
     """Sliding-window counters in the arena, shared by every process.
 
     Estimate per window: ceil(prev * (W - t) / W) + curr, with prev/curr the
     previous and current aligned windows and t the time into the current one.
+
+    Three regions (see _core_py.RateTable): hit_key() counts in the key's own
+    entry (indexed by key index: never full, placement not attacker-chosen);
+    hit() counts address subjects in a hashed region placed by SipHash-2-4
+    under the arena's secret salt, reusing expired entries, and when a
+    256-entry probe window has none: "refuse" policies return
+    RATE_TABLE_FULL, "evict" policies (own region) take over the stalest.
     """
 
     cdef Arena arena
-    cdef RateEntry *rates
-    cdef uint64_t mask
-    cdef uint64_t probes
+    cdef RateEntry *krates
+    cdef uint64_t kcap
+    cdef RateEntry *reg[2]
+    cdef uint64_t mask[2]
+    cdef uint64_t probes[2]
+    cdef uint64_t *used[2]
+    cdef uint64_t k0
+    cdef uint64_t k1
     cdef uint64_t *pol_ns
     cdef uint32_t *pol_lim
+    cdef uint8_t *pol_mode
     cdef Py_ssize_t npol
     cdef readonly int64_t limit
     cdef readonly int64_t remaining
@@ -1101,26 +1470,42 @@ cdef class RateTable:
     def __cinit__(self):
         self.pol_ns = NULL
         self.pol_lim = NULL
+        self.pol_mode = NULL
         self.npol = 0
 
     def __dealloc__(self):
         free(self.pol_ns)
         free(self.pol_lim)
+        free(self.pol_mode)
 
     def __init__(self, Arena arena not None):
         self.arena = arena
-        self.rates = arena.rates
-        self.mask = arena.rate_mask
-        self.probes = min(arena.rate_cap, RATE_PROBES)
+        self.krates = arena.krates
+        self.kcap = arena.key_cap
+        self.reg[MODE_REFUSE] = arena.rates
+        self.mask[MODE_REFUSE] = arena.rate_mask
+        self.probes[MODE_REFUSE] = min(arena.rate_cap, RATE_PROBES)
+        self.used[MODE_REFUSE] = &arena.hdr.rate_used
+        self.reg[MODE_EVICT] = arena.auths
+        self.mask[MODE_EVICT] = arena.auth_mask
+        self.probes[MODE_EVICT] = min(arena.auth_cap, RATE_PROBES)
+        self.used[MODE_EVICT] = &arena.hdr.auth_used
+        self.k0 = arena.hdr.salt[0]
+        self.k1 = arena.hdr.salt[1]
 
-    def policy(self, name, limits, where="limits"):
+    def policy(self, name, limits, where="limits", *, on_full="refuse"):
         """Compile limits like ["10/second", "1000/day"]; returns a worker-local policy id.
 
         Counters are keyed by (name, subject), so every worker that compiles the
         same name shares them, whatever order policies are defined in.
+        on_full (hit() only; hit_key() is never full): "refuse" -- ip_limits:
+        fail closed with RATE_TABLE_FULL; "evict" -- failed-auth throttling, in
+        a region of its own: the stalest entry of the probe window is taken.
         """
         if not isinstance(name, str) or not name:
             raise CoreError(f"policy name must be a non-empty string, found {name!r}")
+        if on_full not in _py.ON_FULL:
+            raise CoreError(f"on_full must be 'refuse' or 'evict', found {on_full!r}")
         li = _py.compile_limits(limits, where)
         cdef uint64_t *ns = <uint64_t *>realloc(self.pol_ns, 8 * (self.npol + 1))
         if ns == NULL:
@@ -1130,7 +1515,12 @@ cdef class RateTable:
         if pl == NULL:
             raise MemoryError()
         self.pol_lim = pl
+        cdef uint8_t *pm = <uint8_t *>realloc(self.pol_mode, self.npol + 1)
+        if pm == NULL:
+            raise MemoryError()
+        self.pol_mode = pm
         self.pol_ns[self.npol] = _py.name_hash(name)
+        self.pol_mode[self.npol] = _py.ON_FULL.index(on_full)
         for i in range(N_WIN):
             self.pol_lim[N_WIN * self.npol + i] = li[i]
         self.npol += 1
@@ -1142,63 +1532,132 @@ cdef class RateTable:
         return 0
 
     def hit(self, int64_t policy_id, uint64_t subject, int64_t now_ms, uint32_t cost=1):
-        """Count one request; remaining >= 0 if admitted, RATE_LIMITED or RATE_TABLE_FULL otherwise."""
+        """Count one request of an address subject (see addr_subject); remaining >= 0 if
+        admitted, RATE_LIMITED, or RATE_TABLE_FULL (only for "refuse" policies)."""
         self._pid(policy_id)
-        return self._hit(self.pol_ns[policy_id], &self.pol_lim[N_WIN * policy_id], subject, now_ms, cost)
+        cdef const uint32_t *lim = &self.pol_lim[N_WIN * policy_id]
+        if not _any(lim):
+            return self._unlimited()
+        cdef int mode = self.pol_mode[policy_id]
+        # keyed PRF of (policy, subject): without the salt nobody can tell
+        # which subjects share a probe window, so none can be made to collide
+        cdef uint64_t key = fg_sip24_2w(self.k0, self.k1, self.pol_ns[policy_id], subject)
+        cdef RateEntry *e
+        cdef int64_t r = RETRY
+        cdef int tries
+        if key == 0:
+            key = 1
+        for tries in range(OWNER_RETRIES):
+            e = self._entry(mode, key, now_ms)
+            if e == NULL:
+                self.limit = 0
+                self.remaining = 0
+                self.reset_ms = 0
+                self.retry_after_ms = 1000
+                return C_RATE_TABLE_FULL
+            if fg_load64_rlx(&e.touched) != <uint64_t>now_ms:
+                fg_store64_rlx(&e.touched, <uint64_t>now_ms)
+            r = self._count(e, lim, now_ms, cost, key)
+            if r != RETRY:
+                return r
+        # reclaimed under us every time: count where we are (errs towards refusing)
+        return self._count(e, lim, now_ms, cost, 0)
 
     def hit_key(self, int64_t policy_id, KeyTable keys not None, int64_t key_index, int64_t now_ms, uint32_t cost=1):
-        """hit() for a key: the key's own limits replace the policy's, window by window."""
+        """hit() for a key, in the key's own entry: the key's own limits replace the
+        policy's, window by window. Never RATE_TABLE_FULL."""
         cdef uint32_t own[N_WIN]
         cdef uint32_t merged[N_WIN]
         cdef int i
         self._pid(policy_id)
+        if key_index < 0 or <uint64_t>key_index >= self.kcap:
+            raise CoreError(f"key index must be 0..{self.kcap - 1}, found {key_index}")
         if keys.last_index == key_index:
             memcpy(own, keys.last_limits, sizeof(own))
         else:
             keys._load_limits(<uint64_t>key_index, own)
         for i in range(N_WIN):
             merged[i] = own[i] if own[i] else self.pol_lim[N_WIN * policy_id + i]
-        return self._hit(self.pol_ns[policy_id], merged, <uint64_t>key_index, now_ms, cost)
+        if not _any(merged):
+            return self._unlimited()
+        return self._count(&self.krates[key_index], merged, now_ms, cost, 0)
 
-    cdef RateEntry *_entry(self, uint64_t key) noexcept:
-        cdef uint64_t i = key & self.mask, n, cur, exp
+    cdef int64_t _unlimited(self) noexcept:
+        self.limit = C_UNLIMITED
+        self.remaining = C_UNLIMITED
+        self.reset_ms = 0
+        self.retry_after_ms = 0
+        return C_UNLIMITED
+
+    cdef RateEntry *_entry(self, int mode, uint64_t key, int64_t now) noexcept:
+        """The entry of key in region mode: found, or claimed (empty, expired, or --
+        evict mode -- the stalest in the probe window); NULL when a refuse-mode
+        window has no room."""
+        cdef RateEntry *ents = self.reg[mode]
+        cdef uint64_t mask = self.mask[mode], n, cur, exp, i
+        cdef uint64_t cand = ALL64, cand_val = 0, stale = ALL64, stale_val = 0, stale_t = ALL64, t
+        cdef uint32_t ep[N_WIN]
+        cdef bint have_ep = False, evicting
         cdef RateEntry *e
-        for n in range(self.probes):
-            e = &self.rates[i]
-            # acquire: a claimed key's buckets are only ever CASed, so seeing
-            # the key is enough; no other publication to wait for
-            cur = fg_load64_acq(&e.key)
-            if cur == key:
+        cdef int tries, j
+        for tries in range(OWNER_RETRIES):
+            i = key & mask
+            cand = ALL64
+            stale = ALL64
+            stale_t = ALL64
+            for n in range(self.probes[mode]):
+                e = &ents[i]
+                # acquire: pairs with the CAS that claimed the entry
+                cur = fg_load64_acq(&e.key)
+                if cur == key:
+                    return e
+                if cur == 0:
+                    # entries never return to empty, so key is not further on
+                    if cand == ALL64:
+                        cand = i
+                        cand_val = 0
+                    break
+                if cand == ALL64:
+                    if not have_ep:
+                        _epochs(now, ep)
+                        have_ep = True
+                    if _expired(e, ep):
+                        cand = i
+                        cand_val = cur
+                    elif mode == MODE_EVICT:
+                        t = fg_load64_rlx(&e.touched)
+                        if t < stale_t:
+                            stale, stale_val, stale_t = i, cur, t
+                i = (i + 1) & mask
+            evicting = False
+            if cand == ALL64:
+                if mode == MODE_REFUSE or stale == ALL64:
+                    return NULL
+                cand, cand_val, evicting = stale, stale_val, True
+            e = &ents[cand]
+            exp = cand_val
+            # claim by CAS from exactly what we judged (empty, expired or
+            # stalest): if anyone changed the entry meanwhile, look again
+            if fg_cas64(&e.key, &exp, key):
+                if cand_val == 0:
+                    fg_add64(self.used[mode], 1)
+                elif evicting:
+                    # the victim's counts are live: clear them for the new owner
+                    # (a hit of either subject racing this may be lost: at most
+                    # one per process, and only at an eviction)
+                    for j in range(2 * N_WIN):
+                        fg_store64_rlx(&e.b[j], 0)
+                    fg_add64(&self.arena.hdr.evicted, 1)
+                else:
+                    # expired buckets already read as zero: nothing to clear
+                    fg_add64(&self.arena.hdr.reclaimed, 1)
                 return e
-            if cur == 0:
-                exp = 0
-                # claim the empty entry; losing the race to the same key is a hit
-                if fg_cas64(&e.key, &exp, key):
-                    fg_add64(&self.arena.hdr.rate_used, 1)
-                    return e
-                if exp == key:
-                    return e
-            i = (i + 1) & self.mask
+            if exp == key:
+                return e     # another process claimed it for the same subject
         return NULL
 
-    cdef int64_t _hit(self, uint64_t ns, const uint32_t *lim, uint64_t subject, int64_t now, uint32_t cost) noexcept:
+    cdef int64_t _count(self, RateEntry *e, const uint32_t *lim, int64_t now, uint32_t cost, uint64_t owner) noexcept:
         cdef int w, j
-        cdef bint any_lim = False
-        for w in range(N_WIN):
-            if lim[w]:
-                any_lim = True
-        if not any_lim:
-            self.limit = C_UNLIMITED
-            self.remaining = C_UNLIMITED
-            self.reset_ms = 0
-            self.retry_after_ms = 0
-            return C_UNLIMITED
-        cdef uint64_t key = _mix64(ns ^ _mix64(subject))
-        if key == 0:
-            key = 1
-        cdef RateEntry *e = self._entry(key)
-        if e == NULL:
-            return C_RATE_TABLE_FULL
         cdef int64_t ep, start, W, W2, t
         cdef uint32_t ep32, ce
         cdef uint64_t L, pv, cv, nv, prev, curr, pw, rem
@@ -1253,6 +1712,13 @@ cdef class RateTable:
                 best_rem = rem
                 best_lim = L
                 best_reset = W - t
+        if owner != 0 and fg_load64_acq(&e.key) != owner:
+            # the entry went to another subject while we counted (it had
+            # expired, or was evicted): take our counts back and look again
+            for j in range(N_WIN):
+                if done & (1 << j):
+                    _undo(slot[j], written[j], cost)
+            return RETRY
         self.limit = <int64_t>best_lim
         self.remaining = <int64_t>best_rem
         self.reset_ms = best_reset
@@ -1260,7 +1726,31 @@ cdef class RateTable:
         return <int64_t>best_rem
 
     def stats(self):
-        return dict(capacity=self.arena.rate_cap, used=self.arena.hdr.rate_used)
+        h = self.arena.hdr
+        return dict(capacity=self.arena.rate_cap, used=h.rate_used, auth_capacity=self.arena.auth_cap,
+                    auth_used=h.auth_used, key_capacity=self.kcap, reclaimed=h.reclaimed, evicted=h.evicted)
+
+
+cdef inline bint _any(const uint32_t *lim) noexcept nogil:
+    return (lim[0] | lim[1] | lim[2] | lim[3] | lim[4]) != 0
+
+
+def addr_subject(bytes packed not None, int v6_prefix=64):
+    """Rate subject of a packed client address; mirrors _core_py.addr_subject."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(packed)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(packed)
+    cdef uint32_t v4 = 0
+    cdef uint64_t hi = 0, lo = 0
+    if v6_prefix < 1 or v6_prefix > 64:
+        raise CoreError(f"v6_prefix must be 1..64, found {v6_prefix!r}")
+    cdef int v = _peer(p, n, &v4, &hi, &lo)
+    if v == 4:
+        return 0xFFFFFFFF00000000ULL | v4
+    if v == 6:
+        if v6_prefix == 64:
+            return hi
+        return hi & ~((1ULL << (64 - v6_prefix)) - 1)
+    return 0xFFFFFFFE00000000ULL
 
 
 cdef inline void _undo(uint64_t *p, uint64_t written, uint32_t cost) noexcept nogil:

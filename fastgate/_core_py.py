@@ -27,7 +27,7 @@ import zlib
 
 # ---------------------------------------------------------------- constants
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # v2: per-key rate region, two address regions, two slot areas, salt, journal
 MAGIC = int.from_bytes(b"FGARENA1", "little")
 HEADER_SIZE = 4096
 RECORD_SIZE = 128
@@ -171,8 +171,40 @@ def name_hash(name: str) -> int:
 
 
 def addr_hash(peer: bytes) -> int:
-    """Subject for per-IP limits: a 63-bit hash of the packed address."""
+    """Subject for per-IP limits: a 63-bit hash of the packed address (kept for
+    callers that predate addr_subject; it does not aggregate IPv6)."""
     return int.from_bytes(hashlib.blake2b(peer, digest_size=8).digest(), "little") >> 1
+
+
+# addr_subject values. IPv6 subjects are the top v6_prefix bits of the address
+# (at most 64, so they fit the upper word and stay injective); IPv4 subjects
+# and the one "unknown address" subject sit in ffff:fffe::/31, which is
+# multicast space and so never the source of a TCP connection.
+SUBJECT_V4 = 0xFFFF_FFFF_0000_0000
+SUBJECT_UNKNOWN = 0xFFFF_FFFE_0000_0000
+V6_PREFIX_DEFAULT = 64
+
+
+def addr_subject(packed: bytes, v6_prefix: int = V6_PREFIX_DEFAULT) -> int:
+    """Rate subject of a client address (the 4- or 16-byte pack_ip form).
+
+    IPv4 and IPv4-mapped IPv6 count per address; IPv6 counts per /v6_prefix
+    (default /64: one host usually owns a whole /64, so finer subjects would
+    give it 2**64 of them). Anything else (b"": an unparseable forwarded
+    address) is the single subject SUBJECT_UNKNOWN, so unknown clients share
+    one limit instead of escaping it. The table salts placement itself.
+    """
+    if type(v6_prefix) is not int or not 1 <= v6_prefix <= 64:
+        raise CoreError(f"v6_prefix must be 1..64, found {v6_prefix!r}")
+    n = len(packed)
+    if n == 4:
+        return SUBJECT_V4 | int.from_bytes(packed, "big")
+    if n == 16:
+        x = int.from_bytes(packed, "big")
+        if x >> 32 == 0xFFFF:
+            return SUBJECT_V4 | (x & 0xFFFFFFFF)
+        return (x >> 64) & ~((1 << (64 - v6_prefix)) - 1) & M64
+    return SUBJECT_UNKNOWN
 
 
 # ---------------------------------------------------------------- cold-path compilers
@@ -267,8 +299,11 @@ def _merge(ranges):
 def compile_cidrs(cidrs, where: str = "cidrs") -> tuple[list, list]:
     """Parse, then merge into sorted disjoint (lo, hi) ranges: (v4, v6).
 
-    v6 networks inside ::ffff:0:0/96 also land in the v4 list, because a
-    v4-mapped peer is matched as the IPv4 address it carries.
+    Every v6 network's intersection with ::ffff:0:0/96 also lands in the v4
+    list (``::/0`` and ``::/80`` cover all of IPv4, ``::ffff:10.0.0.0/104``
+    covers 10/8), because a v4-mapped peer is matched as the IPv4 address it
+    carries. Zone ids (``fe80::1%eth0``) are refused: the core never sees a
+    peer's zone, so a rule naming one could not mean what it says.
     """
     if isinstance(cidrs, (str, bytes)):
         raise CoreError(f"cannot parse CIDRs at {where}: expected a list of strings, found a single {type(cidrs).__name__}")
@@ -276,6 +311,8 @@ def compile_cidrs(cidrs, where: str = "cidrs") -> tuple[list, list]:
     for i, c in enumerate(cidrs or ()):
         if not isinstance(c, str):
             raise CoreError(f"cannot parse CIDR at {where}[{i}]: expected a string, found {type(c).__name__}")
+        if "%" in c:
+            raise CoreError(f"cannot parse CIDR {c!r} at {where}[{i}]: zone ids ('%...') are not allowed in address rules")
         try:
             net = ipaddress.ip_network(c.strip())
         except ValueError as exc:
@@ -285,8 +322,9 @@ def compile_cidrs(cidrs, where: str = "cidrs") -> tuple[list, list]:
             v4.append((lo, hi))
         else:
             v6.append((lo, hi))
-            if lo >= _V4_MAPPED[0] and hi <= _V4_MAPPED[1]:
-                v4.append((lo & 0xFFFFFFFF, hi & 0xFFFFFFFF))
+            mlo, mhi = max(lo, _V4_MAPPED[0]), min(hi, _V4_MAPPED[1])
+            if mlo <= mhi:
+                v4.append((mlo & 0xFFFFFFFF, mhi & 0xFFFFFFFF))
     return _merge(v4), _merge(v6)
 
 
@@ -340,12 +378,23 @@ def _pow2(n: int) -> int:
     return p
 
 
-def layout(key_capacity: int, rate_capacity: int, ext_bytes: int | None) -> dict:
-    """Offsets of the regions inside the arena (64-byte aligned, offsets only)."""
+def layout(key_capacity: int, rate_capacity: int, ext_bytes: int | None, auth_capacity: int | None = None) -> dict:
+    """Offsets of the regions inside the arena (offsets only, 8-byte aligned).
+
+    header | slot area A | slot area B | key records | per-key rate entries
+    (one per key index) | address entries that refuse when full (ip_limits) |
+    address entries that evict when full (failed auth) | extension heap.
+    Anonymous shared pages are backed only once touched, so the spare slot
+    area and unused rate entries cost address space, not memory.
+    """
     if not isinstance(key_capacity, int) or not 1 <= key_capacity <= (1 << 30):
         raise CoreError(f"key_capacity must be 1..{1 << 30}, found {key_capacity!r}")
     if not isinstance(rate_capacity, int) or not 1 <= rate_capacity <= (1 << 30):
         raise CoreError(f"rate_capacity must be 1..{1 << 30}, found {rate_capacity!r}")
+    if auth_capacity is None:
+        auth_capacity = rate_capacity
+    if not isinstance(auth_capacity, int) or not 1 <= auth_capacity <= (1 << 30):
+        raise CoreError(f"auth_capacity must be 1..{1 << 30}, found {auth_capacity!r}")
     if ext_bytes is None:
         ext_bytes = max(64 * key_capacity, 1 << 16)
     if not isinstance(ext_bytes, int) or not (1 << 12) <= ext_bytes <= (1 << 40):
@@ -353,14 +402,19 @@ def layout(key_capacity: int, rate_capacity: int, ext_bytes: int | None) -> dict
     ext_bytes = (ext_bytes + 63) & ~63
     key_slots = _pow2(max(4 * key_capacity, 16))
     rate_cap = _pow2(rate_capacity)
+    auth_cap = _pow2(auth_capacity)
     off_slots = HEADER_SIZE
-    off_records = off_slots + 8 * key_slots
-    off_rate = off_records + RECORD_SIZE * key_capacity
-    off_ext = off_rate + RATE_ENTRY_SIZE * rate_cap
+    off_slots2 = off_slots + 8 * key_slots
+    off_records = off_slots2 + 8 * key_slots
+    off_krate = off_records + RECORD_SIZE * key_capacity
+    off_rate = off_krate + RATE_ENTRY_SIZE * key_capacity
+    off_auth = off_rate + RATE_ENTRY_SIZE * rate_cap
+    off_ext = off_auth + RATE_ENTRY_SIZE * auth_cap
     size = off_ext + ext_bytes
     return dict(
         key_capacity=key_capacity, key_slots=key_slots, rate_capacity=rate_cap, ext_bytes=ext_bytes,
         off_slots=off_slots, off_records=off_records, off_rate=off_rate, off_ext=off_ext, size=size,
+        auth_capacity=auth_cap, off_slots2=off_slots2, off_krate=off_krate, off_auth=off_auth,
     )
 
 
@@ -370,8 +424,12 @@ HEADER_FIELDS = (
     ("magic", "Q", 0), ("version", "I", 8), ("header_size", "I", 12), ("size", "Q", 16),
     ("key_capacity", "Q", 24), ("key_slots", "Q", 32), ("rate_capacity", "Q", 40), ("ext_bytes", "Q", 48),
     ("off_slots", "Q", 56), ("off_records", "Q", 64), ("off_rate", "Q", 72), ("off_ext", "Q", 80),
-    ("writer_pid", "q", 88),
+    ("writer_pid", "q", 88), ("auth_capacity", "Q", 96), ("off_slots2", "Q", 104), ("off_krate", "Q", 112),
+    ("off_auth", "Q", 120),
 )
+# Offset of the 16-byte placement salt in the header (written at create, read
+# by the Cython RateTable, never returned by header()).
+SALT_OFFSET = 256
 
 
 def read_header(buf, what: str) -> dict:
@@ -382,8 +440,9 @@ def read_header(buf, what: str) -> dict:
         raise CoreError(f"arena {what} has magic {h['magic']:#x}; expected {MAGIC:#x} (not a fastgate arena)")
     if h["version"] != LAYOUT_VERSION:
         raise CoreError(f"arena {what} has layout v{h['version']}; this build expects v{LAYOUT_VERSION}")
-    want = layout(h["key_capacity"], h["rate_capacity"], h["ext_bytes"])
-    for k in ("key_slots", "off_slots", "off_records", "off_rate", "off_ext", "size"):
+    want = layout(h["key_capacity"], h["rate_capacity"], h["ext_bytes"], h["auth_capacity"])
+    for k in ("key_slots", "off_slots", "off_records", "off_rate", "off_ext", "size", "off_slots2", "off_krate",
+              "off_auth", "auth_capacity"):
         if h[k] != want[k]:
             raise CoreError(f"arena {what} header field {k} is {h[k]}; expected {want[k]} for its capacities")
     if len(buf) < h["size"]:
@@ -391,10 +450,12 @@ def read_header(buf, what: str) -> dict:
     return h
 
 
-def write_header(buf, lay: dict, writer_pid: int) -> None:
+def write_header(buf, lay: dict, writer_pid: int, salt: bytes | None = None) -> None:
     vals = dict(lay, magic=MAGIC, version=LAYOUT_VERSION, header_size=HEADER_SIZE, writer_pid=writer_pid)
     for name, fmt, off in HEADER_FIELDS:
         struct.pack_into("=" + fmt, buf, off, vals[name])
+    if salt is not None:
+        buf[SALT_OFFSET:SALT_OFFSET + 16] = salt
 
 
 def map_segment(size: int, path: str | None):
@@ -528,12 +589,16 @@ class Arena:
         self._creator_pid = os.getpid() if owner else -1
         self.writer_pid = os.getpid()
         self._keys = None
-        self._rates = {}
+        self._rates = {}   # (namespace, subject) -> entry: address subjects that refuse when full
+        self._auth = {}    # the same, for subjects that evict the stalest entry when full
+        self._krates = {}  # key index -> entry
+        self._reclaimed = 0
+        self._evicted = 0
 
     @classmethod
     def create(cls, key_capacity: int = 1_000_000, rate_capacity: int = 1 << 18, ext_bytes: int | None = None,
-               path: str | None = None) -> "Arena":
-        lay = layout(key_capacity, rate_capacity, ext_bytes)
+               path: str | None = None, *, auth_capacity: int | None = None) -> "Arena":
+        lay = layout(key_capacity, rate_capacity, ext_bytes, auth_capacity)
         mm = map_segment(HEADER_SIZE, path)
         write_header(mm, lay, os.getpid())
         return cls(lay, mm, path, True)
@@ -555,6 +620,10 @@ class Arena:
         return self._layout["rate_capacity"]
 
     @property
+    def auth_capacity(self) -> int:
+        return self._layout["auth_capacity"]
+
+    @property
     def path(self):
         return self._path
 
@@ -565,6 +634,12 @@ class Arena:
         if os.getpid() != self._creator_pid:
             _require_writer(self)
         self.writer_pid = pid
+
+    def recover(self) -> bool:
+        """The twin's records are written whole: there is never one to normalise."""
+        if os.getpid() != self._creator_pid:
+            _require_writer(self)
+        return False
 
     def unlink(self) -> None:
         if not self._owner:
@@ -581,6 +656,39 @@ def _require_writer(arena) -> None:
     me = os.getpid()
     if arena.writer_pid != me:
         raise CoreError(f"only the writer process (pid {arena.writer_pid}) may write the arena; this is pid {me}")
+
+
+_crash_hook = 0
+
+
+def _set_crash_hook(point: int) -> None:
+    """TEST ONLY: with point 1, the next put() in this process exits (os._exit(70))
+    half way through writing its record, as a writer killed mid-write would.
+    0 turns it off. In the Cython core the check is one C int compare on the
+    writer's cold path; the twin mirrors it so the same test runs on both."""
+    global _crash_hook
+    _crash_hook = int(point)
+
+
+I64_MAX = (1 << 63) - 1
+
+
+def _check_i64(name: str, v, lo: int = -(1 << 63)) -> int:
+    if not isinstance(v, int):
+        raise CoreError(f"{name} must be an integer, found {type(v).__name__}")
+    if not lo <= v <= I64_MAX:
+        raise CoreError(f"{name} must be {lo}..{I64_MAX}, found {v}")
+    return int(v)
+
+
+def _check_times(not_before_ms, expires_ms, grace_until_ms) -> tuple[int, int, int]:
+    """put()'s time arguments, checked before anything is written: expires_ms 0
+    means never, 1.. an instant (keysync clamps instants at or before the epoch
+    to 1, i.e. expired); negative values and values past int64 are refused."""
+    nb = _check_i64("not_before_ms", not_before_ms)
+    ex = _check_i64("expires_ms (0 = never)", expires_ms, 0)
+    gr = _check_i64("grace_until_ms", grace_until_ms)
+    return nb, ex, gr
 
 
 def _check_digest(d) -> bytes:
@@ -647,13 +755,12 @@ class KeyTable:
             return SCOPE_DENIED
         if r.allow[0] or r.allow[1] or r.deny[0] or r.deny[1]:
             v, x = peer_int(peer)
-            if v:
-                i = 0 if v == 4 else 1
-                if _in(r.deny[i], x):
-                    return KEY_IP_DENIED
-                if (r.allow[0] or r.allow[1]) and not _in(r.allow[i], x):
-                    return KEY_IP_DENIED
-            elif r.allow[0] or r.allow[1]:
+            if not v:
+                return KEY_IP_DENIED  # any per-key rule and an unknown address: never admit
+            i = 0 if v == 4 else 1
+            if _in(r.deny[i], x):
+                return KEY_IP_DENIED
+            if (r.allow[0] or r.allow[1]) and not _in(r.allow[i], x):
                 return KEY_IP_DENIED
         self.last_plan = r.plan_id
         self._last_index = k
@@ -680,6 +787,7 @@ class KeyTable:
         _require_writer(self._arena)
         k = self._k(key_index)
         _check_digest(digest)
+        not_before_ms, expires_ms, grace_until_ms = _check_times(not_before_ms, expires_ms, grace_until_ms)
         if grace_until_ms <= 0:
             prev_digest = None
         if prev_digest is not None:
@@ -703,6 +811,12 @@ class KeyTable:
         r.flags, r.plan_id = flags | FLAG_LIVE, plan_id
         r.not_before_ms, r.expires_ms = not_before_ms, expires_ms
         old = self._recs.get(k)
+        if _crash_hook == 1:
+            os._exit(70)
+        if old is None:
+            # a new key in this index: it must not inherit the counts of the
+            # key that held the index before
+            self._arena._krates.pop(k, None)
         r.digest2, r.grace_until_ms = (prev_digest, grace_until_ms) if prev_digest is not None else (None, 0)
         if old is not None:
             if old.digest != digest and old.digest != prev_digest:
@@ -720,6 +834,7 @@ class KeyTable:
         _require_writer(self._arena)
         r = self._live(key_index)
         _check_digest(new_digest)
+        grace_until_ms = _check_i64("grace_until_ms", grace_until_ms)
         other = self._index.get(new_digest)
         if other is not None:
             raise CoreError(f"digest already belongs to key index {other}")
@@ -802,8 +917,14 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._recs)
 
+    def probes(self, digest: bytes) -> int:
+        """Slots a lookup of digest visits (the twin's dict: always 1)."""
+        return 1
+
     def stats(self) -> dict:
-        return dict(capacity=self.capacity, live=len(self._recs), digests=len(self._index))
+        # the twin's index is a dict: no slots to tombstone, nothing to rebuild
+        return dict(capacity=self.capacity, live=len(self._recs), digests=len(self._index),
+                    slots=self._arena._layout["key_slots"], tombstones=0, rebuilds=0)
 
 
 def _in(ranges, x: int) -> bool:
@@ -846,22 +967,51 @@ class CidrSet:
         return len(self._v4lo), len(self._v6lo)
 
 
+ON_FULL = ("refuse", "evict")
+_M32 = 0xFFFFFFFF
+
+
+def entry_expired(b, now_ms: int) -> bool:
+    """True when none of an entry's ten buckets can count any more: each is
+    empty, or at least two windows old for its window kind (a bucket counts
+    while it is the current or the previous window). Such an entry is free
+    for another subject; its stale buckets read as zero to the new owner."""
+    for w in range(N_WINDOWS):
+        e = window_bounds(w, now_ms)[0] & _M32
+        for j in (0, 1):
+            v = b[2 * w + j]
+            if v & _M32 and not 2 <= ((e - (v >> 32)) & _M32) < 0x80000000:
+                return False
+    return True
+
+
 class RateTable:
-    """Sliding-window counters per (policy namespace, subject), five window kinds."""
+    """Sliding-window counters, five window kinds, in three regions:
+
+    * keys (hit_key): one entry per key index, never full, never shared;
+    * address subjects of "refuse" policies (ip_limits): a salted hashed
+      region of rate_capacity entries; expired entries are reused, and when a
+      probe window holds none, hit() fails closed with RATE_TABLE_FULL;
+    * address subjects of "evict" policies (failed-auth throttling): the same
+      in a region of its own (auth_capacity), where a full probe window
+      evicts its stalest entry instead, so no flood can fill it, and no flood
+      of bad keys can make an ip_limits route fail closed.
+    """
 
     def __init__(self, arena: Arena):
         self._arena = arena
-        self._entries = arena._rates
-        self._policies: list[tuple[int, list[int]]] = []
+        self._policies: list[tuple[int, list[int], int]] = []
         self.limit = 0
         self.remaining = 0
         self.reset_ms = 0
         self.retry_after_ms = 0
 
-    def policy(self, name: str, limits, where: str = "limits") -> int:
+    def policy(self, name: str, limits, where: str = "limits", *, on_full: str = "refuse") -> int:
         if not isinstance(name, str) or not name:
             raise CoreError(f"policy name must be a non-empty string, found {name!r}")
-        self._policies.append((name_hash(name), compile_limits(limits, where)))
+        if on_full not in ON_FULL:
+            raise CoreError(f"on_full must be 'refuse' or 'evict', found {on_full!r}")
+        self._policies.append((name_hash(name), compile_limits(limits, where), ON_FULL.index(on_full)))
         return len(self._policies) - 1
 
     def _policy(self, policy_id):
@@ -870,31 +1020,55 @@ class RateTable:
         return self._policies[policy_id]
 
     def hit(self, policy_id: int, subject: int, now_ms: int, cost: int = 1) -> int:
-        ns, limits = self._policy(policy_id)
-        return self._hit(ns, limits, subject, now_ms, cost)
+        ns, limits, mode = self._policy(policy_id)
+        if not any(limits):
+            return self._unlimited()
+        a = self._arena
+        entries, cap = (a._rates, a.rate_capacity) if mode == 0 else (a._auth, a.auth_capacity)
+        key = (ns, subject & M64)
+        b = entries.get(key)
+        if b is None:
+            if len(entries) >= cap:
+                victim = next((k for k, e in entries.items() if entry_expired(e, now_ms)), None)
+                if victim is not None:
+                    a._reclaimed += 1
+                elif mode == 0:
+                    self.limit = self.remaining = self.reset_ms = 0
+                    self.retry_after_ms = 1000
+                    return RATE_TABLE_FULL
+                else:
+                    victim = min(entries, key=lambda k: entries[k][2 * N_WINDOWS])
+                    a._evicted += 1
+                del entries[victim]
+            b = entries[key] = [0] * (2 * N_WINDOWS + 1)
+        b[2 * N_WINDOWS] = now_ms
+        return self._count(b, limits, now_ms, cost)
 
     def hit_key(self, policy_id: int, keys: KeyTable, key_index: int, now_ms: int, cost: int = 1) -> int:
-        ns, limits = self._policy(policy_id)
+        ns, limits, _ = self._policy(policy_id)
+        if not isinstance(key_index, int) or not 0 <= key_index < self._arena.key_capacity:
+            raise CoreError(f"key index must be 0..{self._arena.key_capacity - 1}, found {key_index!r}")
         own = keys._last_limits if keys._last_index == key_index else self._key_limits(keys, key_index)
         merged = [o or p for o, p in zip(own, limits)]
-        return self._hit(ns, merged, key_index, now_ms, cost)
+        if not any(merged):
+            return self._unlimited()
+        b = self._arena._krates.get(key_index)
+        if b is None:
+            b = self._arena._krates[key_index] = [0] * (2 * N_WINDOWS + 1)
+        b[2 * N_WINDOWS] = now_ms
+        return self._count(b, merged, now_ms, cost)
 
     @staticmethod
     def _key_limits(keys, key_index):
         r = keys._recs.get(key_index)
         return r.limits if r is not None else [0] * N_WINDOWS
 
-    def _hit(self, ns: int, limits, subject: int, now_ms: int, cost: int) -> int:
-        if not any(limits):
-            self.limit = self.remaining = UNLIMITED
-            self.reset_ms = self.retry_after_ms = 0
-            return UNLIMITED
-        key = entry_key(ns, subject)
-        b = self._entries.get(key)
-        if b is None:
-            if len(self._entries) >= self._arena.rate_capacity:
-                return RATE_TABLE_FULL
-            b = self._entries[key] = [0] * (2 * N_WINDOWS)
+    def _unlimited(self) -> int:
+        self.limit = self.remaining = UNLIMITED
+        self.reset_ms = self.retry_after_ms = 0
+        return UNLIMITED
+
+    def _count(self, b, limits, now_ms: int, cost: int) -> int:
         best = None
         undo = []
         for w in range(N_WINDOWS):
@@ -932,4 +1106,7 @@ class RateTable:
         return best[0]
 
     def stats(self) -> dict:
-        return dict(capacity=self._arena.rate_capacity, used=len(self._entries))
+        a = self._arena
+        return dict(capacity=a.rate_capacity, used=len(a._rates), auth_capacity=a.auth_capacity,
+                    auth_used=len(a._auth), key_capacity=a.key_capacity, reclaimed=a._reclaimed,
+                    evicted=a._evicted)

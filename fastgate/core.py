@@ -38,6 +38,9 @@ KEY_MALFORMED = _core_py.KEY_MALFORMED
 RATE_LIMITED = _core_py.RATE_LIMITED
 RATE_TABLE_FULL = _core_py.RATE_TABLE_FULL
 UNLIMITED = _core_py.UNLIMITED
+SUBJECT_V4 = _core_py.SUBJECT_V4
+SUBJECT_UNKNOWN = _core_py.SUBJECT_UNKNOWN
+V6_PREFIX_DEFAULT = _core_py.V6_PREFIX_DEFAULT
 
 # Public error code (DESIGN.md "Errors are JSON") for each core return code.
 ERROR_CODE = {
@@ -69,6 +72,9 @@ key_well_formed = _core_py.key_well_formed
 key_id_of = _core_py.key_id_of
 key_digest = _core_py.key_digest
 addr_hash = _core_py.addr_hash
+# Rate subject of a packed client address (IPv6 aggregated per prefix); the
+# compiled one is ~10x faster and returns the same values.
+addr_subject = _impl.addr_subject
 # Cold-path validators (the same parsers put() uses), for checking input
 # before it is stored.
 compile_scopes = _core_py.compile_scopes
@@ -80,6 +86,7 @@ __all__ = [
     "NO_SUCH_KEY", "KEY_REVOKED", "KEY_DISABLED", "KEY_EXPIRED", "KEY_NOT_YET_VALID", "SCOPE_DENIED",
     "KEY_IP_DENIED", "KEY_BUSY", "KEY_MALFORMED", "RATE_LIMITED", "RATE_TABLE_FULL", "UNLIMITED", "ERROR_CODE",
     "FLAG_DISABLED", "FLAG_REVOKED", "METHOD_BITS", "METHOD_OTHER", "METHOD_ALL", "WINDOWS", "LAYOUT_VERSION",
-    "method_bit", "make_key", "key_well_formed", "key_id_of", "key_digest", "addr_hash",
+    "method_bit", "make_key", "key_well_formed", "key_id_of", "key_digest", "addr_hash", "addr_subject",
+    "SUBJECT_V4", "SUBJECT_UNKNOWN", "V6_PREFIX_DEFAULT",
     "compile_scopes", "compile_cidrs", "compile_limits",
 ]

@@ -32,7 +32,12 @@ def decode_meta(blob: bytes) -> tuple[str, str, str, list[str]]:
 
 
 def expires_ms(rec) -> int:
-    return int(parse_rfc3339(rec.expires_at).timestamp() * 1000) if rec.expires_at else 0
+    """The core's expires_ms: 0 = never (no expires_at); otherwise epoch ms,
+    clamped to at least 1, because an instant at or before the epoch is long
+    expired and must not turn into 0 = "never"."""
+    if not rec.expires_at:
+        return 0
+    return max(1, int(parse_rfc3339(rec.expires_at).timestamp() * 1000))
 
 
 def apply(table, rec, now: int | None = None) -> None:

@@ -29,6 +29,15 @@ static inline int fg_cas64(uint64_t *p, uint64_t *expected, uint64_t desired) {
 static inline void fg_fence_acq(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void fg_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
+/* Monotonic nanoseconds: readers that meet a record mid-write wait by time,
+ * not by a spin count whose length depends on the CPU. */
+#include <time.h>
+static inline int64_t fg_mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static inline void fg_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();

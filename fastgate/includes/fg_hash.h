@@ -135,4 +135,29 @@ static inline uint32_t fg_crc32(const uint8_t *p, size_t n) {
     return c ^ 0xFFFFFFFFU;
 }
 
+/* SipHash-2-4 (Aumasson & Bernstein) of a 16-byte message given as two
+ * little-endian words, under the 128-bit key (k0, k1).  The rate table places
+ * address subjects with it, keyed by the arena's random salt, so where an
+ * entry lands cannot be computed by anyone who only chooses the subjects. */
+#define FG_SIP_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define FG_SIP_ROUND                                                         \
+    do {                                                                     \
+        v0 += v1; v1 = FG_SIP_ROTL(v1, 13); v1 ^= v0; v0 = FG_SIP_ROTL(v0, 32); \
+        v2 += v3; v3 = FG_SIP_ROTL(v3, 16); v3 ^= v2;                        \
+        v0 += v3; v3 = FG_SIP_ROTL(v3, 21); v3 ^= v0;                        \
+        v2 += v1; v1 = FG_SIP_ROTL(v1, 17); v1 ^= v2; v2 = FG_SIP_ROTL(v2, 32); \
+    } while (0)
+
+static inline uint64_t fg_sip24_2w(uint64_t k0, uint64_t k1, uint64_t m0, uint64_t m1) {
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    uint64_t b = ((uint64_t)16) << 56;
+    v3 ^= m0; FG_SIP_ROUND; FG_SIP_ROUND; v0 ^= m0;
+    v3 ^= m1; FG_SIP_ROUND; FG_SIP_ROUND; v0 ^= m1;
+    v3 ^= b; FG_SIP_ROUND; FG_SIP_ROUND; v0 ^= b;
+    v2 ^= 0xff;
+    FG_SIP_ROUND; FG_SIP_ROUND; FG_SIP_ROUND; FG_SIP_ROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
 #endif

@@ -59,18 +59,37 @@ def test_errors(core, cidrs, msg):
 
 def reference(nets, addr: bytes) -> bool:
     """What an operator means: a v4-mapped peer is its IPv4 address, and a v6
-    network inside ::ffff:0:0/96 is the IPv4 network it spells."""
+    network matches every IPv4 address whose mapped form it contains (so
+    ::/0 and ::/80 cover all of IPv4, ::ffff:10.0.0.0/104 covers 10/8)."""
     a = ipaddress.ip_address(addr)
     if a.version == 6 and a.ipv4_mapped is not None:
         a = a.ipv4_mapped
     if a.version == 4:
         as_mapped = ipaddress.ip_address((0xFFFF << 32) | int(a))
-        mapped_space = ipaddress.ip_network("::ffff:0:0/96")
-        return any(
-            (n.version == 4 and a in n) or (n.version == 6 and n.subnet_of(mapped_space) and as_mapped in n)
-            for n in nets
-        )
+        return any((n.version == 4 and a in n) or (n.version == 6 and as_mapped in n) for n in nets)
     return any(n.version == 6 and a in n for n in nets)
+
+
+@pytest.mark.parametrize("rule,v4,inside", [
+    ("::/0", "203.0.113.9", True),
+    ("::/80", "203.0.113.9", True),
+    ("::fffe:0:0/95", "1.1.1.1", True),
+    ("::ffff:128.0.0.0/97", "200.1.1.1", True),
+    ("::ffff:128.0.0.0/97", "100.1.1.1", False),
+    ("::/96", "1.1.1.1", False),
+    ("2001:db8::/32", "1.1.1.1", False),
+])
+def test_wide_v6_rules_match_mapped_and_v4_clients(core, rule, v4, inside):
+    s = core.CidrSet.compile([rule])
+    assert s.contains(packed(v4)) is inside
+    assert s.contains(packed("::ffff:" + v4)) is inside
+
+
+@pytest.mark.parametrize("rule", ["fe80::1%eth0/128", "fe80::%eth0/64", "fe80::1%1"])
+def test_zone_ids_are_refused(core, rule):
+    with pytest.raises(P.CoreError) as ei:
+        core.CidrSet.compile(["10.0.0.0/8", rule], where="keys.k1.allow_cidrs")
+    assert str(ei.value) == f"cannot parse CIDR {rule!r} at keys.k1.allow_cidrs[1]: zone ids ('%...') are not allowed in address rules"
 
 
 v4net = st.builds(lambda a, p: ipaddress.ip_network((a, p), strict=False), st.integers(0, 2**32 - 1), st.integers(0, 32))

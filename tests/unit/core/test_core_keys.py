@@ -171,7 +171,12 @@ def test_per_key_deny_only(core, keys, new_key):
     key = new_key(1, deny_cidrs=["192.0.2.0/24"])
     assert keys.check_key(key, GET, b"/", bytes([192, 0, 2, 7]), T0) == core.KEY_IP_DENIED
     assert keys.check_key(key, GET, b"/", bytes([192, 0, 3, 7]), T0) == 1
-    assert keys.check_key(key, GET, b"/", b"", T0) == 1
+    # an unknown client address (unparseable forwarded address: b"") must not
+    # slip past a deny list: any per-key rule denies it, as the global rules do
+    assert keys.check_key(key, GET, b"/", b"", T0) == core.KEY_IP_DENIED
+    assert keys.check_key(key, GET, b"/", b"\1\2\3", T0) == core.KEY_IP_DENIED
+    plain = new_key(2)
+    assert keys.check_key(plain, GET, b"/", b"", T0) == 2, "no per-key rule: the address does not matter"
 
 
 def test_order_of_checks(core, keys, new_key):
@@ -321,3 +326,56 @@ def test_put_keeps_a_rotation_grace_when_asked(core, arena, keys):
     keys.put(3, new_d)
     assert keys.check_key(old_key, P.method_bit(b"GET"), b"/", b"", 1_000) == P.NO_SUCH_KEY
     assert keys.check_key(new_key, P.method_bit(b"GET"), b"/", b"", 1_000) == 3
+
+
+def test_rotations_keep_the_index_clean(core):
+    """Issue 10: deletes and rotations used to leave tombstones that were never
+    rehashed, so a miss walked ever longer chains. Past 1/8 of the slots the
+    writer rebuilds the index into the spare area and swaps it in: tombstones
+    and probe lengths stay bounded, and every live digest (also one in its
+    rotation grace) stays findable across the swaps."""
+    a = core.Arena.create(key_capacity=1024, rate_capacity=1)  # 4096 slots
+    t = core.KeyTable(a, secret=SECRET)
+    slots = t.stats()["slots"]
+    cur = {}
+    for i in range(512):
+        k = P.make_key(f"k{i}").encode()
+        t.put(i, t.digest(k))
+        cur[i] = k
+    graced = P.make_key("g").encode()
+    t.put(600, t.digest(graced))
+    newer = P.make_key("g").encode()
+    t.rotate(600, t.digest(newer), T0 + 10**9)  # graced stays valid throughout
+    worst_tomb = 0
+    for r in range(12_000):
+        i = r % 512
+        k = P.make_key(f"k{i}").encode()
+        t.rotate(i, t.digest(k), 0)
+        old, cur[i] = cur[i], k
+        if r % 997 == 0:
+            assert t.check_key(old, GET, b"/", V4, T0) == core.NO_SUCH_KEY
+        worst_tomb = max(worst_tomb, t.stats()["tombstones"])
+    assert worst_tomb <= slots // 8
+    misses = [t.digest(P.make_key(f"miss{j}").encode()) for j in range(300)]
+    assert max(t.probes(d) for d in misses) <= 48
+    assert all(t.check_key(k, GET, b"/", V4, T0) == i for i, k in cur.items())
+    assert t.check_key(graced, GET, b"/", V4, T0) == 600 and t.check_key(newer, GET, b"/", V4, T0) == 600
+    st = t.stats()
+    assert st["digests"] == 514 and st["live"] == 513
+    if core is not P:
+        assert st["rebuilds"] > 0
+
+
+def test_deletes_trigger_rebuild_and_reuse(core):
+    a = core.Arena.create(key_capacity=64, rate_capacity=1)  # 256 slots
+    t = core.KeyTable(a, secret=SECRET)
+    for rnd in range(6):
+        ks = {i: P.make_key(f"r{rnd}x{i}").encode() for i in range(64)}
+        for i, k in ks.items():
+            t.put(i, t.digest(k))
+        assert all(t.check_key(k, GET, b"/", V4, T0) == i for i, k in ks.items())
+        for i in range(64):
+            assert t.delete(i)
+        assert all(t.check_key(k, GET, b"/", V4, T0) == core.NO_SUCH_KEY for k in ks.values())
+        assert t.stats()["tombstones"] <= t.stats()["slots"] // 8
+    assert len(t) == 0 and t.stats()["digests"] == 0

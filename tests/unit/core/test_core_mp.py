@@ -159,3 +159,67 @@ def test_writer_updates_are_never_torn_and_revocations_never_stale():
     assert [c >> 2 for c in codes] == [0] * PROCS, codes
     assert all(c & 3 for c in codes) and (codes[0] | codes[1] | codes[2] | codes[3]) & 3 == 3, codes
     assert keys.stats()["live"] == N + 1
+
+
+def test_concurrent_claims_never_split_a_subject():
+    """Processes claiming entries for the same new subjects at once (CAS on the
+    entry's owner word): each subject ends up with one entry, so a 1/minute
+    limit admits each subject exactly once in total."""
+    a = C.Arena.create(key_capacity=1, rate_capacity=4096)
+    rates = C.RateTable(a)
+    pid = rates.policy("ip:x", ["1/minute"])
+    now = T0 - T0 % 60_000 + 1_000
+    n = 3000
+
+    def hammer(i):
+        order = list(range(n))
+        order = order[i * 97:] + order[: i * 97]
+        return sum(1 for s in order if rates.hit(pid, P.SUBJECT_V4 | s, now) >= 0)
+
+    assert sum(fork_all(PROCS, hammer)) == n
+    assert rates.stats()["used"] == n
+
+
+def test_index_rebuilds_never_hide_a_live_key():
+    """The writer churns other keys through many slot-area swaps while readers
+    look up a stable set: no lookup of a stable key may miss."""
+    a = C.Arena.create(key_capacity=1024, rate_capacity=1)  # 4096 slots, a rebuild every ~512 tombstones
+    keys = C.KeyTable(a, secret=SECRET)
+    stable = [P.make_key(f"s{i}").encode() for i in range(200)]
+    for i, k in enumerate(stable):
+        keys.put(i, keys.digest(k))
+    for i in range(200, 500):
+        keys.put(i, keys.digest(P.make_key(f"c{i}").encode()))
+    r, w = os.pipe()
+
+    def reader(_):
+        misses = 0
+        rounds = 0
+        while True:
+            for i, k in enumerate(stable):
+                if keys.check_key(k, 1, b"/", b"", T0) != i:
+                    misses += 1
+            rounds += 1
+            if select.select([r], [], [], 0)[0]:
+                return misses if misses else -rounds
+
+    kids = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                res = reader(i)
+                code = 0 if res < 0 else min(res, 250) + 1
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    dig = keys.digest
+    for n in range(8000):
+        keys.rotate(200 + n % 300, dig(P.make_key(f"c{n}").encode()), 0)
+    os.write(w, b"x")
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+    os.close(r)
+    os.close(w)
+    assert codes == [0, 0], "readers missed stable keys during rebuilds"
+    assert keys.stats()["rebuilds"] >= 3

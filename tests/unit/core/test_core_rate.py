@@ -208,13 +208,25 @@ def test_unlimited(core, rates):
     assert rates.stats()["used"] == 0
 
 
-def test_table_full(core, rates):
+def test_refuse_policy_fails_closed_then_reclaims(core, rates):
     pid = rates.policy("p", ["1/second"])
     for s in range(64):
         assert rates.hit(pid, s, T0) == 0
-    assert rates.hit(pid, 64, T0) == P.RATE_TABLE_FULL
+    assert rates.hit(pid, 64, T0) == P.RATE_TABLE_FULL, "ip_limits never fail open"
+    assert rates.retry_after_ms > 0
     assert rates.hit(pid, 3, T0) == P.RATE_LIMITED, "existing subjects keep working"
-    assert rates.stats() == {"capacity": 64, "used": 64}
+    st = rates.stats()
+    assert (st["capacity"], st["used"]) == (64, 64)
+    # one second later every entry still counts as the previous window ...
+    assert rates.hit(pid, 65, T0 + 1000) == P.RATE_TABLE_FULL
+    # ... two seconds later none can count any more: entries are reused
+    t = T0 - T0 % 1000 + 2000
+    for s in range(100, 164):
+        assert rates.hit(pid, s, t) == 0
+    assert rates.hit(pid, 99, t) == P.RATE_TABLE_FULL
+    assert rates.hit(pid, 100, t) == P.RATE_LIMITED, "a reused entry counts for its new subject"
+    assert rates.hit(pid, 3, t + 2000) == 0, "an old subject starts again from zero"
+    assert rates.stats()["reclaimed"] >= 64 and rates.stats()["used"] == 64
 
 
 def test_hit_key_uses_key_limits(core, arena, keys, rates):
