@@ -141,11 +141,20 @@ class Supervisor:
                 slot.sock.close()
         return 0
 
-    def _add_slot(self) -> Slot:
+    def _add_slot(self) -> Slot | None:
         sock = bind_socket(self.host, self.port, self.config.server.backlog)
         if self.port == 0:
             self.port = sock.getsockname()[1]
-        slot = Slot(len(self.slots), sock)
+        # The lowest index no slot holds: retiring slots still own theirs (their
+        # region and stats base), so len(self.slots) could hand one out twice.
+        used = {s.index for s in self.slots}
+        index = next(i for i in range(len(self.slots) + 1) if i not in used)
+        if index >= MAX_WORKER_SLOTS:  # only while many retiring slots still drain
+            sock.close()
+            log.error("no free worker slot (at most %d, retiring ones included): not adding a worker",
+                      MAX_WORKER_SLOTS)
+            return None
+        slot = Slot(index, sock)
         self.slots.append(slot)
         return slot
 
@@ -319,10 +328,14 @@ class Supervisor:
             self.sel.unregister(slot.ctl)
             slot.ctl.close()
             slot.ctl = None
+        if slot.kind == "worker":
+            # Its counts die with it: keep its last published totals so no
+            # counter in /metrics goes backwards (also for a retired slot; a
+            # slot added later with this index starts from them).
+            self.stats.carry(slot.index)
         if slot.retiring:
             slot.sock.close()
             self.slots.remove(slot)
-            self.stats.clear(slot.index)
             return
         if self.stopping:
             return
@@ -402,9 +415,11 @@ class Supervisor:
         new_n = self.worker_count(new)
         if new_n > old_n:
             for _ in range(new_n - old_n):
-                self._spawn(self._add_slot())
+                slot = self._add_slot()
+                if slot is not None:
+                    self._spawn(slot)
         elif new_n < old_n:
-            for slot in self.slots[new_n:]:
+            for slot in [s for s in self.slots if not s.retiring][new_n:]:
                 slot.retiring = True
                 if slot.pid:
                     os.kill(slot.pid, signal.SIGTERM)
