@@ -26,7 +26,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ADMIN_TOKEN, READY_TIMEOUT, _readline_with_deadline, basic_config, wait_port
+from conftest import ADMIN_TOKEN, READY_TIMEOUT, _readline_with_deadline, basic_config, raw_exchange, wait_port
 
 THREADS = 4
 
@@ -231,9 +231,11 @@ def test_reload_that_retires_workers_keeps_their_totals(tmp_path, upstream):
     proc, url, admin_url = _start_without_workers_flag(path, tmp_path / "gateway.log")
     try:
         base = requests_total(scrape(admin_url))
+        port = int(url.rsplit(":", 1)[1])
         n = 0
         for i in range(60):  # fresh connections: spread over the three workers
-            assert httpx.get(url + "/echo/retire", timeout=5).status_code == 200
+            out = raw_exchange(port, b"GET /echo/retire HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200 "), out[:200]
             n += 1
         assert _settle(admin_url, base + n) == base + n
         before = scrape(admin_url)
