@@ -36,13 +36,27 @@ def _wait_for(pred, timeout: float, step: float = 0.05):
     return pred()
 
 
+def mount_namespace_prefix(mountpoint: Path) -> list[str]:
+    """The unshare(1) command line that may mount a tmpfs here: root's own mount
+    namespace (CI runs as root), else a user namespace."""
+    tried = []
+    for prefix in (["unshare", "-m", "--propagation", "private"], ["unshare", "-Urm"]):
+        out = subprocess.run([*prefix, "sh", "-c", 'mount -t tmpfs -o size=4k fastgate-probe "$0"', str(mountpoint)],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return prefix
+        tried.append(f"{' '.join(prefix)}: {out.stderr.strip()}")
+    raise AssertionError("cannot mount a private tmpfs for the disk-full test (needs root or user namespaces): "
+                         + "; ".join(tried))
+
+
 class PrivateTmpfsGateway:
     """`fastgate run --workers 2` with `mountpoint` a tmpfs of `size` that only it sees."""
 
     def __init__(self, config_path: Path, mountpoint: Path, size: str):
         self.stderr_path = config_path.with_suffix(".log")
-        prefix = ["unshare", "-m", "--propagation", "private"] if os.geteuid() == 0 else ["unshare", "-Urm"]
         script = f'mount -t tmpfs -o size={size},mode=0755 fastgate-test "$0" && exec "$@"'
+        prefix = mount_namespace_prefix(mountpoint)
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [*prefix, "sh", "-c", script, str(mountpoint),
