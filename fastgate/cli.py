@@ -88,7 +88,7 @@ def _embedded_admin_token(data_dir: str, env: str) -> str:
 
 def cmd_run(args) -> int:
     from . import demo
-    from .workers.supervisor import Supervisor, apply_overrides
+    from .workers.supervisor import AlreadyRunning, InstanceLock, Supervisor, apply_overrides
 
     overrides = {}
     if args.listen is not None:
@@ -102,9 +102,12 @@ def cmd_run(args) -> int:
     try:
         if args.config:
             config = apply_overrides(cfg.load_config(args.config), overrides)
+            # One gateway per key store, decided before any socket is bound or key loaded.
+            lock = InstanceLock.acquire(config.keys.store)
         else:
             data_dir = args.data_dir or os.environ.get("FASTGATE_DATA", DEFAULT_DATA_DIR)
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
+            lock = InstanceLock.acquire(cfg.default_config(data_dir, 0).keys.store)
             demo_sock = socket.socket()
             demo_sock.bind(("127.0.0.1", 0))
             demo_sock.listen(128)
@@ -124,11 +127,14 @@ def cmd_run(args) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
+    except (AlreadyRunning, OSError) as exc:  # another gateway on this store; a lock file we cannot make
+        print(f"fastgate: cannot start: {exc}", file=sys.stderr)
+        return 1
     _setup_logging(args.log_level or config.log.level)
-    sup = Supervisor(config, args.config, overrides, banner_extra=banner, extras=extras)
+    sup = Supervisor(config, args.config, overrides, banner_extra=banner, extras=extras, instance_lock=lock)
     try:
         return sup.run()
-    except OSError as exc:
+    except (OSError, AlreadyRunning) as exc:
         print(f"fastgate: cannot start: {exc}", file=sys.stderr)
         return 1
 

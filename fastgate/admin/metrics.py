@@ -7,6 +7,13 @@ a directory of per-pid files and its import on the hot path. The format is
 small and stable; the tests parse this output with prometheus-client's parser.
 Labels are low-cardinality only: route, status class, deciding stage, plan,
 upstream target. Never a key id.
+
+Every *_total (and the histogram) is monotonic while the gateway runs: a
+worker slot's region carries the totals of the slot's earlier, dead
+processes (fastgate.stats, carry), so a crash, a SIGKILL or a reload that
+retires workers never takes counts away; a killed worker loses only what it
+counted after its last publish (about a second). Gauges are the live
+processes' own.
 """
 
 from __future__ import annotations

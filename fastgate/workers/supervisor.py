@@ -9,6 +9,8 @@ socket are served by its replacement instead of being reset.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import selectors
@@ -27,6 +29,100 @@ log = logging.getLogger("fastgate.master")
 RESTART_BACKOFF_MAX = 5.0
 # Worker slots the shared stats segment has room for (a reload may add workers).
 MAX_WORKER_SLOTS = 256
+
+
+class AlreadyRunning(Exception):
+    """Another gateway holds the instance lock of this key store."""
+
+
+class InstanceLock:
+    """One gateway per key store: an exclusive flock on ``<store>.lock``.
+
+    Two gateways on one store would each load their own shared key table, so a
+    key revoked through one stays valid in the other. `fastgate run` takes this
+    lock before it binds a socket or loads a key, and holds it for the life of
+    the gateway. The path is the store's real path (symlinks and relative
+    spellings resolved) plus ``.lock``, so two configs naming the same file in
+    different ways collide. The lock lives on the open file description: forked
+    workers and the admin process inherit it, so it is held until the last
+    process that serves from this store's key table has exited (even if the
+    master was killed first); O_CLOEXEC keeps it from exec'd programs. The file
+    holds the master's pid for the error message only: the kernel drops an
+    flock when its holders die, so a lock file left by a SIGKILLed gateway
+    never blocks a new start. Readers of the store (``fastgate audit verify``,
+    ``check-config``) do not take it.
+    """
+
+    def __init__(self, path: str, fd: int):
+        self.path = path
+        self.fd = fd
+
+    @staticmethod
+    def path_for(store: str) -> str:
+        return os.path.realpath(os.path.abspath(store)) + ".lock"
+
+    @classmethod
+    def acquire(cls, store: str) -> "InstanceLock":
+        """Take the lock for this store or raise AlreadyRunning (one line,
+        naming the lock file and the running gateway's pid); OSError when the
+        lock file cannot be created at all."""
+        path = cls.path_for(store)
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+            pid = cls._read_pid(fd)
+            os.close(fd)
+            raise AlreadyRunning(cls._busy_message(path, store, pid)) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is informational; the flock is the lock
+        return cls(path, fd)
+
+    @staticmethod
+    def _read_pid(fd: int) -> int:
+        # The winner truncates, then writes its pid: a loser may look in between.
+        for _ in range(20):
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            if text.isdigit():
+                return int(text)
+            time.sleep(0.025)
+        return 0
+
+    @staticmethod
+    def _busy_message(path: str, store: str, pid: int) -> str:
+        if not pid:
+            who = "another gateway"
+        else:
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+            who = (f"the gateway with master pid {pid}" if alive else
+                   f"processes left by the gateway with master pid {pid} (it has exited; see `fuser {path}`)")
+        return (f"key store {store} is in use by {who}: {path} is locked; stop that gateway first, "
+                f"or give this one its own [keys] store")
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closes our reference; children still holding it keep the lock
+            self.fd = -1
+
+    def forget_in_child(self) -> None:
+        """In a forked helper that does not serve keys (the demo upstream):
+        drop the inherited reference so it cannot outlive the gateway's lock."""
+        self.release()
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -66,6 +162,7 @@ class Supervisor:
         overrides: dict,
         banner_extra: list[str] | None = None,
         extras: list | None = None,
+        instance_lock: InstanceLock | None = None,
     ):
         self.config = config
         self.config_path = config_path
@@ -83,6 +180,7 @@ class Supervisor:
         self.admin: Slot | None = None
         self.arena = None
         self.secret = b""
+        self.instance_lock = instance_lock
 
     def _all(self) -> list[Slot]:
         return self.slots + [self.admin] if self.admin is not None else self.slots
@@ -121,6 +219,8 @@ class Supervisor:
     def run(self) -> int:
         from ..stats import StatsSegment
 
+        if self.instance_lock is None:  # before any socket or key: see InstanceLock
+            self.instance_lock = InstanceLock.acquire(self.config.keys.store)
         self._open_keys()
         self.stats = StatsSegment(MAX_WORKER_SLOTS)
         n = self.worker_count(self.config)
@@ -139,13 +239,23 @@ class Supervisor:
         finally:
             for slot in self._all():
                 slot.sock.close()
+        self.instance_lock.release()  # every worker has exited: the store is free
         return 0
 
-    def _add_slot(self) -> Slot:
+    def _add_slot(self) -> Slot | None:
         sock = bind_socket(self.host, self.port, self.config.server.backlog)
         if self.port == 0:
             self.port = sock.getsockname()[1]
-        slot = Slot(len(self.slots), sock)
+        # The lowest index no slot holds: retiring slots still own theirs (their
+        # region and stats base), so len(self.slots) could hand one out twice.
+        used = {s.index for s in self.slots}
+        index = next(i for i in range(len(self.slots) + 1) if i not in used)
+        if index >= MAX_WORKER_SLOTS:  # only while many retiring slots still drain
+            sock.close()
+            log.error("no free worker slot (at most %d, retiring ones included): not adding a worker",
+                      MAX_WORKER_SLOTS)
+            return None
+        slot = Slot(index, sock)
         self.slots.append(slot)
         return slot
 
@@ -197,7 +307,12 @@ class Supervisor:
         return pid
 
     def _spawn_extra(self, name: str, fn) -> None:
-        self.extra_children[self._fork(fn)] = name
+        def body():
+            if self.instance_lock is not None:
+                self.instance_lock.forget_in_child()
+            fn()
+
+        self.extra_children[self._fork(body)] = name
 
     def _run_slot(self, slot: Slot, ctl: socket.socket) -> None:
         """In the child: become this slot's worker or the admin process."""
@@ -319,10 +434,14 @@ class Supervisor:
             self.sel.unregister(slot.ctl)
             slot.ctl.close()
             slot.ctl = None
+        if slot.kind == "worker":
+            # Its counts die with it: keep its last published totals so no
+            # counter in /metrics goes backwards (also for a retired slot; a
+            # slot added later with this index starts from them).
+            self.stats.carry(slot.index)
         if slot.retiring:
             slot.sock.close()
             self.slots.remove(slot)
-            self.stats.clear(slot.index)
             return
         if self.stopping:
             return
@@ -402,9 +521,11 @@ class Supervisor:
         new_n = self.worker_count(new)
         if new_n > old_n:
             for _ in range(new_n - old_n):
-                self._spawn(self._add_slot())
+                slot = self._add_slot()
+                if slot is not None:
+                    self._spawn(slot)
         elif new_n < old_n:
-            for slot in self.slots[new_n:]:
+            for slot in [s for s in self.slots if not s.retiring][new_n:]:
                 slot.retiring = True
                 if slot.pid:
                     os.kill(slot.pid, signal.SIGTERM)
