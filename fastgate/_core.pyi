@@ -70,6 +70,7 @@ class Arena:
         """Hand the single-writer role (key table writes) to pid; callable by the current writer
         and by the creator. A record that a dead writer left mid-write is restored to its state
         before that write here (unless that writer still runs), else at the next write."""
+    def repair_dead_writer(self) -> int: ...
     def recover(self) -> bool:
         """Restore a record a dead writer left mid-write now; True if there was one."""
     def unlink(self) -> None:

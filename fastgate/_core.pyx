@@ -349,6 +349,22 @@ cdef class Arena:
             self._normalise()
         self.hdr.writer_pid = pid
 
+    def repair_dead_writer(self):
+        """Before a replacement writer is started: if the last writer died inside
+        a write section, put that record back as it was before it (as set_writer
+        would) and return its key index, so the new writer can re-apply the
+        store's state for it (the store may have committed the change that was
+        being written); -1 if there was none. Creator only."""
+        if getpid() != self._creator_pid:
+            raise CoreError("only the process that created the arena may repair it")
+        cdef int64_t jpid = self.hdr.jpid
+        cdef int64_t k
+        if self.hdr.jarmed and not _pid_running(jpid):
+            k = <int64_t>self.hdr.jarmed - 1
+            self._normalise()
+            return k if k < <int64_t>self.key_cap else -1
+        return -1
+
     def recover(self):
         """Normalise a record a dead writer left mid-write (what set_writer and every
         writer operation do first); True if there was one. Writer or creator only."""

@@ -635,6 +635,12 @@ class Arena:
             _require_writer(self)
         self.writer_pid = pid
 
+    def repair_dead_writer(self) -> int:
+        """The twin's records are written whole: there is never one to repair."""
+        if os.getpid() != self._creator_pid:
+            raise CoreError("only the process that created the arena may repair it")
+        return -1
+
     def recover(self) -> bool:
         """The twin's records are written whole: there is never one to normalise."""
         if os.getpid() != self._creator_pid:

@@ -130,7 +130,11 @@ class KeysConfig(Base):
     store: str = "fastgate-data/keys.db"
     header: str = "x-api-key"  # Authorization: Bearer is always accepted too
     capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1_000_000  # keys in shared memory
-    rate_capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1 << 18  # rate-limit subjects (keys, addresses)
+    # Rate counters: every key has its own (sized from capacity, never full);
+    # these bound the per-address subjects: route ip_limits (when full they
+    # fail closed) and failed key checks (when full the stalest is evicted).
+    rate_capacity: Annotated[int, Meta(ge=16, le=1 << 26)] = 1 << 18  # ip_limits address subjects
+    auth_capacity: Annotated[int, Meta(ge=16, le=1 << 26)] | None = None  # failed-auth subjects (None: rate_capacity)
     # Shared space for keys' scopes, CIDRs, limits and identity (default: 64 bytes
     # per key of capacity); raise it for many keys with long scope/CIDR lists.
     ext_bytes: Size | None = None
@@ -235,6 +239,9 @@ class IpConfig(Base):
     # allow/deny when the config is loaded (and on every reload).
     allow_files: list[str] = []
     deny_files: list[str] = []
+    # Per-address limits (route ip_limits, failed key checks) count an IPv6
+    # client by its /64 (one host is usually given a whole /64), IPv4 by address.
+    v6_subject_prefix: Annotated[int, Meta(ge=1, le=64)] = 64
 
     def __post_init__(self):
         problems: list[str] = []

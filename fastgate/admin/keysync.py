@@ -83,3 +83,17 @@ def load_all(store, table) -> tuple[int, float]:
         apply(table, rec, now)
         n += 1
     return n, time.perf_counter() - t0
+
+
+def resync_slot(store, table, slot: int) -> str:
+    """After a writer died inside a write to this slot (the core rolled the
+    record back to its state before that write): make the slot say what the
+    store says, since the store commits first and may hold the change that was
+    being written (a revoke, say). Returns what was done, for the log."""
+    for key_id, s in store.id_slots().items():
+        if s == slot:
+            rec = store.get(key_id)
+            if rec is not None:
+                apply(table, rec)
+                return f"re-applied key {key_id}"
+    return "deleted a key the store no longer has" if table.delete(slot) else "nothing to do"

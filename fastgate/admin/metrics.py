@@ -35,7 +35,7 @@ def render(snapshots: list[dict], master: dict | None, keys_stats: dict, rate_st
     latency: dict[str, list] = {}
     upstream: dict[str, list] = {}
     idle: dict[str, int] = {}
-    conns = 0
+    conns = refused = cuts = 0
     log_lines = log_dropped = 0
     for snap in snapshots:
         for route, cls, decision, plan, n in snap.get("requests", ()):
@@ -52,6 +52,8 @@ def render(snapshots: list[dict], master: dict | None, keys_stats: dict, rate_st
         for target, n in snap.get("idle", {}).items():
             idle[target] = idle.get(target, 0) + n
         conns += snap.get("connections", 0)
+        refused += snap.get("connections_refused", 0)
+        cuts += snap.get("upstream_cut", 0)
         lines, dropped = snap.get("access_log", (0, 0))
         log_lines += lines
         log_dropped += dropped
@@ -88,15 +90,24 @@ def render(snapshots: list[dict], master: dict | None, keys_stats: dict, rate_st
     metric("fastgate_upstream_idle_connections", "gauge", "Pooled idle keep-alive connections per target.",
            [(_labels(target=t), n) for t, n in sorted(idle.items())])
     metric("fastgate_client_connections", "gauge", "Open client connections over all workers.", [("", conns)])
+    metric("fastgate_connections_refused_total", "counter",
+           "Client connections refused with 503 at a worker's max_connections (no idle one left to close).",
+           [("", refused)])
+    metric("fastgate_upstream_cut_total", "counter",
+           "Responses an upstream cut or reset after their head reached the client.", [("", cuts)])
     metric("fastgate_access_log_lines_total", "counter", "Access-log lines written.", [("", log_lines)])
     metric("fastgate_access_log_dropped_total", "counter", "Access-log lines lost to failed writes.",
            [("", log_dropped)])
     metric("fastgate_keys_loaded", "gauge", "Keys in the shared key table.", [("", keys_stats.get("live", 0))])
     metric("fastgate_key_table_capacity", "gauge", "Keys the shared table can hold.", [("", key_capacity)])
     used = rate_stats.get("used", rate_stats.get("entries", 0))
-    metric("fastgate_rate_table_used", "gauge", "Rate-limit subjects (keys, addresses) with counters.", [("", used)])
-    metric("fastgate_rate_table_capacity", "gauge", "Rate-limit subjects the shared table can hold.",
+    metric("fastgate_rate_table_used", "gauge", "Address subjects (route ip_limits) with counters.", [("", used)])
+    metric("fastgate_rate_table_capacity", "gauge", "Address subjects (route ip_limits) the shared table can hold.",
            [("", rate_capacity)])
+    metric("fastgate_auth_table_used", "gauge", "Failed-auth address subjects with counters (the stalest is evicted).",
+           [("", rate_stats.get("auth_used", 0))])
+    metric("fastgate_rate_evictions_total", "counter", "Failed-auth subjects evicted to make room.",
+           [("", rate_stats.get("evicted", 0))])
     m = master or {}
     metric("fastgate_workers", "gauge", "Worker processes configured.", [("", m.get("workers", 0))])
     metric("fastgate_worker_restarts_total", "counter", "Workers (and admin processes) restarted after a crash.",

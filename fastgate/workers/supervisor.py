@@ -201,7 +201,8 @@ class Supervisor:
         from ..keys.store import KeyStore
 
         kc = self.config.keys
-        self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity, ext_bytes=kc.ext_bytes)
+        self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity, ext_bytes=kc.ext_bytes,
+                                       auth_capacity=kc.auth_capacity)
         store = KeyStore(kc.store)
         try:
             self.secret = store.secret
@@ -326,7 +327,30 @@ class Supervisor:
             Worker(slot.index, self.config, slot.sock, ctl, arena=self.arena, secret=self.secret,
                    stats=self.stats).run()
 
+    def _repair_key_table(self) -> None:
+        """Before an admin process starts: if the last one died inside a key
+        write, the core puts that record back as it was, and the store's state
+        for the slot is re-applied here (the store commits first, so it may
+        hold the change that was being written, such as a revoke)."""
+        from .. import core
+        from ..admin import keysync
+        from ..keys.store import KeyStore
+
+        idx = self.arena.repair_dead_writer()
+        if idx < 0:
+            return
+        self.arena.set_writer(os.getpid())
+        table = core.KeyTable(self.arena, secret=self.secret)
+        store = KeyStore(self.config.keys.store)
+        try:
+            done = keysync.resync_slot(store, table, idx)
+        finally:
+            store.close()
+        log.warning("the admin process died while writing key slot %d: %s", idx, done)
+
     def _spawn(self, slot: Slot) -> None:
+        if slot.kind == "admin":
+            self._repair_key_table()
         parent, child = socket.socketpair()
 
         def body():

@@ -124,6 +124,7 @@ class Worker:
         self.usage: dict = {}  # key slot -> [1xx, 2xx, 3xx, 4xx, 5xx, bytes_in, bytes_out]
         self._next_publish = 0.0
         self.access = None
+        self._log_base = [0, 0]
         self.max_connections = 0
         self.conns_refused = 0
         self.upstream_cuts = 0
@@ -143,7 +144,10 @@ class Worker:
         old_log = self.config.log.access if getattr(self, "config", None) else None
         if config.log.access != old_log:
             if self.access is not None:
-                self.access.close()
+                self.access.close()  # flushes first
+                # keep the counters monotonic across a log that is replaced
+                self._log_base[0] += self.access.lines
+                self._log_base[1] += self.access.dropped
             self.access = None if config.log.access == "off" else AccessLog(config.log.access)
         self.config = config
         # Rate policies: one counter name for every plan, so a plan change keeps
@@ -159,7 +163,11 @@ class Worker:
                 route.ip_policy_header = policy_header(
                     dict((u, n) for n, u in map(cfg.parse_limit, route.ip_limits)))
         fal = config.keys.failed_auth_limit
-        self.authfail_policy = None if fal == "off" else self.rates.policy("authfail", [fal], where="keys")
+        # Failed checks evict the stalest subject when their table is full (it
+        # can never fill up); ip_limits (the default) fail closed instead.
+        self.authfail_policy = None if fal == "off" else self.rates.policy("authfail", [fal], where="keys",
+                                                                            on_full="evict")
+        self.v6_prefix = config.ip.v6_subject_prefix
         self.idcache = {}
         timeouts = [config.server.header_timeout, config.server.body_timeout, config.server.keepalive_timeout]
         for u in config.upstreams:
@@ -270,7 +278,8 @@ class Worker:
             "connections": len(self.conns),
             "connections_refused": self.conns_refused,
             "upstream_cut": self.upstream_cuts,
-            "access_log": [self.access.lines, self.access.dropped] if self.access is not None else [0, 0],
+            "access_log": [self._log_base[0] + (self.access.lines if self.access is not None else 0),
+                           self._log_base[1] + (self.access.dropped if self.access is not None else 0)],
         })
 
     # -- the decision pipeline (DESIGN.md order) --------------------------------
@@ -322,7 +331,9 @@ class Worker:
         self.proxy(ex, route.upstream.next_target())
 
     def addr_subject(self, packed: bytes) -> int:
-        return core.addr_hash(packed)
+        """The rate subject of a client address: IPv4 by address, IPv6 by its
+        prefix (default /64); an unknown address is one shared subject."""
+        return core.addr_subject(packed, self.v6_prefix)
 
     def _authenticate(self, ex, route, client: str, method: bytes) -> bool:
         """Steps 5-7: key -> validity/scope/key CIDRs -> limits. False: replied.
