@@ -261,10 +261,30 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         events = self.parser.feed(data)
-        if events:
-            self.on_events(events)
-        if not self.closed:
-            self.arm()
+        try:
+            if events:
+                self.on_events(events)
+            if not self.closed:
+                self.arm()
+        except Exception:
+            # A bug, never bad input (that is a 4xx): answer 500 if we still
+            # can, and close, rather than leave the client hanging.
+            log.exception("bug while handling a request from %s", self.peer)
+            self.internal_error()
+
+    def internal_error(self) -> None:
+        ex = self.active
+        if self.closed:
+            return
+        if ex is not None and not ex.resp_started:
+            self.parsing = None
+            ex.keep_alive = False
+            try:
+                self.local_reply(ex, "internal_error", "internal error")
+                return
+            except Exception:
+                log.exception("bug while answering 500")
+        self.abort()
 
     def on_events(self, events: list) -> None:
         n = len(events)

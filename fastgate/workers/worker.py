@@ -64,6 +64,13 @@ def policy_header(limits: dict[str, int]) -> bytes:
     return b"ratelimit-policy: " + ", ".join(f"{n};w={_WINDOW_SECONDS[u]}" for u, n in items).encode() + b"\r\n"
 
 
+def host_name(authority: bytes) -> bytes:
+    """The host of a validated authority, lower-cased, without its port."""
+    if authority[:1] == b"[":
+        return authority[: authority.find(b"]") + 1].lower()
+    return authority.split(b":", 1)[0].lower()
+
+
 def forwarded_element(peer: str, host: bytes, proto: bytes) -> bytes:
     """An RFC 7239 Forwarded field for this hop."""
     node = f'"[{peer}]"' if ":" in peer else peer
@@ -286,7 +293,7 @@ class Worker:
     def handle(self, ex) -> None:
         conn = ex.conn
         router = self.router
-        route = router.match(ex.host.lower().split(b":", 1)[0] if router.by_host and ex.host else None, ex.path)
+        route = router.match(host_name(ex.host) if router.by_host and ex.host else None, ex.path)
         if route is None:
             conn.local_reply(ex, "no_route", "no route matches this host and path")
             return
