@@ -395,6 +395,22 @@ class Harness:
         self.gw.stop()
         self.up.close()
 
+    def metric(self, name: str, at_least: float, timeout: float = 5.0) -> float:
+        """The summed value of a /metrics sample, polled until it reaches at_least
+        (workers publish about once a second)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        deadline = time.monotonic() + timeout
+        value = 0.0
+        while time.monotonic() < deadline:
+            text = self.gw.admin("GET", "/metrics").text
+            value = sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                        if s.name == name)
+            if value >= at_least:
+                break
+            time.sleep(0.1)
+        return value
+
     def log_lines(self, needle: str, n: int = 1, timeout: float = 5.0) -> list[dict]:
         """Access-log records whose path holds needle (the log is flushed on a timer)."""
         deadline = time.monotonic() + timeout

@@ -72,3 +72,4 @@ def test_busy_connections_are_kept_and_newcomers_refused(h):
     while "connection cap" not in h.gw.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "connection cap" in h.gw.log()
+    assert h.metric("fastgate_connections_refused_total", 1) == 1

@@ -35,6 +35,8 @@ def test_an_upstream_cut_leaves_a_log_line(h, how):
     (rec,) = h.log_lines(mark)
     assert rec["status"] == 200 and rec["bytes_out"] == 1000 and rec["error"] == "upstream_cut"
     assert rec["decision"] == "upstream" and rec["upstream"] == h.up.addr
+    h.cuts = getattr(h, "cuts", 0) + 1
+    assert h.metric("fastgate_upstream_cut_total", h.cuts) >= h.cuts
 
 
 def test_a_client_that_leaves_leaves_a_log_line(h):
