@@ -52,7 +52,7 @@ ERROR_CODE = {
     KEY_NOT_YET_VALID: "key_expired",
     SCOPE_DENIED: "scope_denied",
     KEY_IP_DENIED: "ip_denied",
-    KEY_BUSY: "internal_error",
+    KEY_BUSY: "overloaded",  # the record is being written (or its writer died mid-write): retry
     RATE_LIMITED: "rate_limited",
     RATE_TABLE_FULL: "rate_limited",
 }

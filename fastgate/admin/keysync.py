@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import msgspec
@@ -40,8 +41,28 @@ def expires_ms(rec) -> int:
     return max(1, int(parse_rfc3339(rec.expires_at).timestamp() * 1000))
 
 
+# TEST ONLY: "NAME:N" makes this process die inside the core's write section
+# of its N-th write of the key named NAME (tests/integration/test_writer_crash.py).
+_CRASH_AT = os.environ.get("FASTGATE_TEST_CRASH_IN_PUT")
+_crash_count = [0, 0]  # pid, writes of NAME by that process (a forked child counts afresh)
+
+
+def _maybe_crash(rec) -> None:
+    if _crash_count[0] != os.getpid():
+        _crash_count[:] = [os.getpid(), 0]
+    name, _, nth = _CRASH_AT.rpartition(":")
+    if rec.name == name:
+        _crash_count[1] += 1
+        if _crash_count[1] == int(nth) and core.IMPLEMENTATION == "cython":
+            from fastgate import _core
+
+            _core._set_crash_hook(1)
+
+
 def apply(table, rec, now: int | None = None) -> None:
     """Write one record into its slot (writer process only)."""
+    if _CRASH_AT is not None:
+        _maybe_crash(rec)
     now = now_ms() if now is None else now
     grace = rec.grace_until_ms if rec.prev_digest and rec.grace_until_ms and rec.grace_until_ms > now else 0
     table.put(

@@ -370,7 +370,8 @@ class Worker:
                                  b"retry-after: %d\r\n" % retry)
                 return False
             conn.local_reply(ex, code, _KEY_MESSAGES.get(idx, "API key refused"),
-                             _WWW_AUTH if code in ("key_invalid", "key_expired") else b"")
+                             _WWW_AUTH if code in ("key_invalid", "key_expired") else
+                             b"retry-after: 1\r\n" if code == "overloaded" else b"")
             return False
         ident = self._identity(idx)
         ex.identity = ident[0]
