@@ -50,6 +50,11 @@ ERRORS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "store"),
     "upstream_timeout": (504, "upstream"),
     "http_version_not_supported": (505, "parse"),
+    # The admin API's own answers (its port, not the proxy pipeline).
+    "unauthorized": (401, "admin"),
+    "not_found": (404, "admin"),
+    "conflict": (409, "admin"),
+    "key_table_full": (503, "admin"),
 }
 ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERRORS.items()}
 STAGE_OF: dict[str, str] = {code: stage for code, (_, stage) in ERRORS.items()}
