@@ -61,7 +61,21 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> int:
 
 
 def rfc3339(dt: _dt.datetime) -> str:
-    return dt.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC RFC 3339 with milliseconds, as the API stores and shows it."""
+    from .admin.schemas import format_ms
+
+    delta = dt.astimezone(_dt.timezone.utc) - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+    return format_ms(delta // _dt.timedelta(milliseconds=1))
+
+
+def clean(value: Any) -> str:
+    """Text for the terminal: control and bidirectional-control characters (which the API
+    refuses in names, owners and plans, but older records or metadata values may hold)
+    are shown escaped, so they can never garble or reorder a table."""
+    from .admin.schemas import CONTROL_RE
+
+    text = value if isinstance(value, str) else str(value)
+    return CONTROL_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def parse_meta(items: list[str]) -> dict[str, str]:
@@ -197,7 +211,7 @@ def _emit_json(obj: Any) -> None:
 
 
 def _fmt_list(v) -> str:
-    return ", ".join(v) if v else "-"
+    return ", ".join(clean(x) for x in v) if v else "-"
 
 
 def record_lines(rec: dict) -> list[str]:
@@ -213,7 +227,7 @@ def record_lines(rec: dict) -> list[str]:
         ("deny_cidrs", _fmt_list(rec.get("deny_cidrs"))),
         ("limits", _fmt_list(rec.get("limits"))),
         ("expires_at", rec.get("expires_at") or "never"),
-        ("metadata", ", ".join(f"{k}={v}" for k, v in meta.items()) if meta else "-"),
+        ("metadata", ", ".join(f"{k}={_meta_value(v)}" for k, v in meta.items()) if meta else "-"),
         ("created_at", rec.get("created_at") or "-"),
         ("updated_at", rec.get("updated_at") or "-"),
     ]
@@ -221,7 +235,11 @@ def record_lines(rec: dict) -> list[str]:
         rows.append(("revoked_at", rec["revoked_at"]))
     if rec.get("grace_until"):
         rows.append(("grace_until", rec["grace_until"]))
-    return [f"  {k:<12} {v}" for k, v in rows]
+    return [f"  {k:<12} {clean(v)}" for k, v in rows]
+
+
+def _meta_value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, separators=(",", ":"))
 
 
 def print_record(rec: dict) -> None:
@@ -229,6 +247,7 @@ def print_record(rec: dict) -> None:
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    rows = [[clean(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in rows:
         for i, c in enumerate(r):

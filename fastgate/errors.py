@@ -53,6 +53,11 @@ ERRORS: dict[str, tuple[int, str]] = {
     # never sent: how the access log and metrics name an exchange whose client
     # went away before its answer (nginx's 499)
     "client_closed": (499, "client"),
+    # The admin API's own answers (its port, not the proxy pipeline).
+    "unauthorized": (401, "admin"),
+    "not_found": (404, "admin"),
+    "conflict": (409, "admin"),
+    "key_table_full": (503, "admin"),
 }
 ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERRORS.items()}
 STAGE_OF: dict[str, str] = {code: stage for code, (_, stage) in ERRORS.items()}

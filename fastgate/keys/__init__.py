@@ -17,6 +17,7 @@ from fastgate.keys.store import (
     KeyStore,
     NotFound,
     StoreError,
+    StoreUnavailable,
     ms_to_ts,
     now_ts,
     parse_ts,
@@ -25,5 +26,5 @@ from fastgate.keys.store import (
 
 __all__ = [
     "AuditEvent", "Conflict", "EDITABLE", "InvalidValue", "KeyRecord", "KeyStore", "NotFound", "SCHEMA_VERSION",
-    "StoreError", "ms_to_ts", "now_ts", "parse_ts", "ts_to_ms", "verify_chain", "verify_store",
+    "StoreError", "StoreUnavailable", "ms_to_ts", "now_ts", "parse_ts", "ts_to_ms", "verify_chain", "verify_store",
 ]

@@ -13,17 +13,22 @@ Files, all beside each other (``path`` is the ``[keys] store`` setting)::
 Only keyed digests (``core.key_digest(secret, key)``, keyed BLAKE2b-256) are stored, never a
 key. Every mutating method runs in one ``BEGIN IMMEDIATE`` transaction that also appends its
 audit event, and commits before it returns; any failure rolls back and raises StoreError
-(NotFound / Conflict / InvalidValue are subclasses the admin API can map to 404/409/400).
+(NotFound / Conflict / InvalidValue are subclasses the admin API can map to 404/409/400;
+StoreUnavailable, 503, is a disk or database that cannot be used right now: full, read-only,
+I/O errors, corrupt, or locked past the busy timeout). A write either commits or raises;
+nothing it reported as done is lost.
 
 Writers: one process (the admin process) is expected to write; concurrent writers are
 serialised by SQLite plus an flock on the secret file held across each commit and anchor
-update, so the anchor always follows the table. Timestamps are UTC RFC 3339, seconds
-precision, with 'Z' (so they sort as text).
+update, so the anchor always follows the table. Timestamps are UTC RFC 3339 with
+milliseconds and 'Z' ('2026-12-01T21:43:20.930Z'); records written by older releases hold
+whole seconds ('...:20Z') and are shown in the new form. Input accepts any RFC 3339
+(fraction and offset optional): fastgate.admin.schemas.rfc3339_ms is the one parser.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import errno
 import fcntl
 import os
 import re
@@ -38,6 +43,7 @@ from typing import Any
 
 import msgspec
 
+from fastgate.admin.schemas import NAME_PATTERN, control_problem, format_ms, rfc3339_ms, text_problem
 from fastgate.keys.audit import (
     ZERO_HASH,
     AuditEvent,
@@ -73,6 +79,35 @@ class Conflict(StoreError):
 
 class InvalidValue(StoreError):
     """A field has the wrong type or shape."""
+
+
+class StoreUnavailable(StoreError):
+    """The database or its disk cannot be used now (full, read-only, I/O error, corrupt,
+    locked past the busy timeout). Nothing was changed; retry once it is fixed."""
+
+
+# SQLite primary result codes that mean "the store is unavailable", not "bad input"
+# or "a bug": BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+_UNAVAILABLE_SQLITE = {5, 6, 7, 8, 10, 11, 13, 14, 15, 26}
+_UNAVAILABLE_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.ENOENT, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether a sqlite3/OS error means the store is unavailable (503) rather than a bug."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return (code & 0xFF) in _UNAVAILABLE_SQLITE
+        return isinstance(exc, sqlite3.OperationalError)
+    if isinstance(exc, OSError):
+        return exc.errno in _UNAVAILABLE_ERRNO or exc.errno is None
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} ({name})" if name else str(exc)
 
 
 class KeyRecord(msgspec.Struct, omit_defaults=True):
@@ -115,41 +150,62 @@ class KeyRecord(msgspec.Struct, omit_defaults=True):
         out["updated_at"] = self.updated_at
         if self.revoked_at is not None:
             out["revoked_at"] = self.revoked_at
+        if self.prev_digest is not None and self.grace_until_ms:
+            out["grace_until"] = ms_to_ts(self.grace_until_ms)
+        for k in ("expires_at", "created_at", "updated_at", "revoked_at"):
+            if out.get(k):
+                out[k] = _shown_ts(out[k])
         return out
+
+
+def _shown_ts(value: str) -> str:
+    """A stored timestamp in today's form (older records hold whole seconds)."""
+    try:
+        return format_ms(rfc3339_ms(value))
+    except ValueError:
+        return value
 
 
 # ---------------------------------------------------------------- timestamps
 
 
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def now_ts() -> str:
-    """Now, UTC RFC 3339 with 'Z', seconds precision."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """Now, UTC RFC 3339 with milliseconds and 'Z'."""
+    return format_ms(now_ms())
 
 
 def parse_ts(value: str, field: str = "timestamp") -> str:
-    """Normalise an RFC 3339 timestamp (any offset, optional fraction) to UTC 'Z' seconds."""
-    if not isinstance(value, str) or "T" not in value.upper():
-        raise InvalidValue(f"{field}: expected an RFC 3339 timestamp like 2030-01-31T12:00:00Z, found {value!r}")
+    """Normalise an RFC 3339 timestamp (any offset, optional fraction) to UTC 'Z' milliseconds."""
     try:
-        d = _dt.datetime.fromisoformat(value.strip().replace("z", "Z"))
-    except ValueError:
-        raise InvalidValue(f"{field}: expected an RFC 3339 timestamp like 2030-01-31T12:00:00Z, "
-                           f"found {value!r}") from None
-    if d.tzinfo is None:
-        raise InvalidValue(f"{field}: {value!r} has no timezone (add Z or +hh:mm)")
-    return d.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return format_ms(rfc3339_ms(value))
+    except ValueError as exc:
+        raise InvalidValue(f"{field}: {exc}") from None
 
 
 def ts_to_ms(value: str) -> int:
-    """Epoch milliseconds of a stored timestamp (e.g. expires_at for core.KeyTable.put)."""
-    return int(_dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc).timestamp()) * 1000
+    """Epoch milliseconds of a stored timestamp (e.g. expires_at for core.KeyTable.put); exact."""
+    try:
+        return rfc3339_ms(value)
+    except ValueError as exc:
+        raise InvalidValue(f"timestamp: {exc}") from None
 
 
 def ms_to_ts(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
+    return format_ms(ms)
 
 
 # ---------------------------------------------------------------- validation
+
+
+def _ms_or_none(value: str | None) -> int | None:
+    try:
+        return rfc3339_ms(value) if value else None
+    except ValueError:
+        return None
 
 
 def _check_str_list(field: str, v: Any) -> list[str]:
@@ -158,19 +214,22 @@ def _check_str_list(field: str, v: Any) -> list[str]:
     return list(v)
 
 
-def _check_opt_str(field: str, v: Any) -> str | None:
-    if v is not None and not isinstance(v, str):
-        raise InvalidValue(f"{field}: expected a string or null, found {v!r}")
+def _check_name(field: str, v: Any) -> str:
+    """Names, owners and plans are shown in `fastgate keys list`: never blank, never a control
+    or bidirectional-control character (they would garble or reorder the table)."""
+    if not isinstance(v, str):
+        raise InvalidValue(f"{field}: expected a string, found {v!r}")
+    why = text_problem(v, NAME_PATTERN)
+    if why:
+        raise InvalidValue(f"{field}: {why}")
     return v
 
 
 def _check_field(field: str, v: Any) -> Any:
     if field == "name":
-        if not isinstance(v, str) or not v.strip():
-            raise InvalidValue(f"name: expected a non-empty string, found {v!r}")
-        return v
+        return _check_name(field, v)
     if field in ("owner", "plan"):
-        return _check_opt_str(field, v)
+        return None if v is None else _check_name(field, v)
     if field in _LIST_FIELDS:
         return _check_str_list(field, v)
     if field == "expires_at":
@@ -178,6 +237,10 @@ def _check_field(field: str, v: Any) -> Any:
     if field == "metadata":
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
             raise InvalidValue(f"metadata: expected an object with string keys, found {v!r}")
+        for k in v:
+            why = control_problem(k) or (None if k else "keys must not be empty")
+            if why:
+                raise InvalidValue(f"metadata: key {k!r}: {why}")
         try:  # must survive a JSON round trip unchanged in meaning
             return msgspec.json.decode(msgspec.json.encode(v))
         except (TypeError, msgspec.EncodeError) as exc:
@@ -460,8 +523,11 @@ class KeyStore:
                         anchored = True
                     c.execute("COMMIT")
                 except BaseException as exc:
-                    if c.in_transaction:
-                        c.execute("ROLLBACK")
+                    try:
+                        if c.in_transaction:
+                            c.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite rolls a failed transaction back by itself; the write is not committed
                     if anchored:
                         try:
                             write_head(self.head_path, *tail)
@@ -472,7 +538,8 @@ class KeyStore:
                     if isinstance(exc, sqlite3.IntegrityError):
                         raise Conflict(f"{self.path}: {exc}") from None
                     if isinstance(exc, (sqlite3.Error, OSError)):
-                        raise StoreError(f"key store {self.path}: write failed, nothing changed: {exc}") from None
+                        cls = StoreUnavailable if unavailable(exc) else StoreError
+                        raise cls(f"key store {self.path}: write failed, nothing changed: {_describe(exc)}") from None
                     raise
                 if tx.head != tail:
                     try:
@@ -480,9 +547,21 @@ class KeyStore:
                     except OSError:
                         pass  # committed; the anchor's pending entry already matches the new tail
             except sqlite3.Error as exc:  # BEGIN itself failed (busy, disk)
-                raise StoreError(f"key store {self.path}: cannot start a write: {exc}") from None
+                cls = StoreUnavailable if unavailable(exc) else StoreError
+                raise cls(f"key store {self.path}: cannot start a write: {_describe(exc)}") from None
             finally:
                 fcntl.flock(self._secret_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """One read under the lock; sqlite3 errors become StoreUnavailable / StoreError."""
+        with self._lock:
+            c = self._c
+            try:
+                yield c
+            except sqlite3.Error as exc:
+                cls = StoreUnavailable if unavailable(exc) else StoreError
+                raise cls(f"key store {self.path}: read failed: {_describe(exc)}") from None
 
     def _get(self, c: sqlite3.Connection, key_id: str) -> KeyRecord:
         row = c.execute(f"SELECT {_COLS} FROM keys WHERE id = ?", (key_id,)).fetchone()
@@ -500,8 +579,8 @@ class KeyStore:
                 return kid
 
     def get(self, key_id: str) -> KeyRecord | None:
-        with self._lock:
-            row = self._c.execute(f"SELECT {_COLS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        with self._reading() as c:
+            row = c.execute(f"SELECT {_COLS} FROM keys WHERE id = ?", (key_id,)).fetchone()
         return None if row is None else _row_to_record(row)
 
     def list(self, owner: str | None = None, limit: int = 100, after: str | None = None) -> list[KeyRecord]:
@@ -516,13 +595,13 @@ class KeyStore:
             where.append("id > ?")
             args.append(after)
         sql = f"SELECT {_COLS} FROM keys {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY id LIMIT ?"
-        with self._lock:
-            rows = self._c.execute(sql, (*args, limit)).fetchall()
+        with self._reading() as c:
+            rows = c.execute(sql, (*args, limit)).fetchall()
         return [_row_to_record(r) for r in rows]
 
     def count(self) -> int:
-        with self._lock:
-            return self._c.execute("SELECT count(*) FROM keys").fetchone()[0]
+        with self._reading() as c:
+            return c.execute("SELECT count(*) FROM keys").fetchone()[0]
 
     def iter_all(self, batch: int = 10_000) -> Iterator[KeyRecord]:
         """Every record in id order, streamed in batches from one query (for loading at start).
@@ -543,42 +622,47 @@ class KeyStore:
             conn.close()
 
     def by_slot(self, slot: int) -> KeyRecord | None:
-        with self._lock:
-            row = self._c.execute(f"SELECT {_COLS} FROM keys WHERE slot = ?", (slot,)).fetchone()
+        with self._reading() as c:
+            row = c.execute(f"SELECT {_COLS} FROM keys WHERE slot = ?", (slot,)).fetchone()
         return None if row is None else _row_to_record(row)
 
     def id_slots(self) -> dict[str, int]:
         """{id: slot} for every key with a slot assigned."""
-        with self._lock:
-            return dict(self._c.execute("SELECT id, slot FROM keys WHERE slot IS NOT NULL"))
+        with self._reading() as c:
+            return dict(c.execute("SELECT id, slot FROM keys WHERE slot IS NOT NULL"))
 
     def due_expired(self, now: str | None = None, limit: int = 1000) -> list[str]:
         """Ids of keys whose expires_at has passed and whose 'expired' event is not logged yet."""
-        now = now or now_ts()
-        with self._lock:
-            rows = self._c.execute(
-                "SELECT id FROM keys WHERE expires_at IS NOT NULL AND expires_at <= ? "
+        now_at = ts_to_ms(now) if now else now_ms()
+        # Text order matches time order except within one second between the stored forms
+        # ('...:20Z' of older records sorts after '...:20.500Z'): select with a second of
+        # margin, then compare the milliseconds.
+        with self._reading() as c:
+            rows = c.execute(
+                "SELECT id, expires_at FROM keys WHERE expires_at IS NOT NULL AND expires_at <= ? "
                 "AND (expired_noted IS NULL OR expired_noted != expires_at) ORDER BY expires_at LIMIT ?",
-                (now, limit)).fetchall()
-        return [r[0] for r in rows]
+                (ms_to_ts(now_at + 1000), limit)).fetchall()
+        return [r[0] for r in rows if _ms_or_none(r[1]) is not None and _ms_or_none(r[1]) <= now_at]
 
     def audit(self, after_seq: int = 0, limit: int = 100, key_id: str | None = None) -> list[AuditEvent]:
         """Audit events with seq > after_seq, oldest first (page with the last seq seen)."""
         if not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidValue(f"limit: expected 1..10000, found {limit!r}")
+        if not isinstance(after_seq, int) or not 0 <= after_seq < (1 << 63):
+            raise InvalidValue(f"after_seq: expected 0..2**63-1, found {after_seq!r}")
         sql = "SELECT seq, ts, actor, event, key_id, changes, prev_hash, hash FROM audit WHERE seq > ?"
         args: list[Any] = [after_seq]
         if key_id is not None:
             sql += " AND key_id = ?"
             args.append(key_id)
-        with self._lock:
-            rows = self._c.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        with self._reading() as c:
+            rows = c.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         return [AuditEvent(r[0], r[1], r[2], r[3], r[4], _dec_obj(r[5]), r[6], r[7]) for r in rows]
 
     def verify_audit(self) -> tuple[bool, list[str], int]:
         """(ok, problems, rows_checked); see fastgate.keys.audit for what is and is not detected."""
-        with self._lock:
-            return verify_chain(self._c, self.head_path)
+        with self._reading() as c:
+            return verify_chain(c, self.head_path)
 
     # ------------------------------------------------------------ writes
 
@@ -660,7 +744,7 @@ class KeyStore:
         (extending expires_at and expiring again logs again). True if an event was added."""
         with self._write() as tx:
             old = self._get(tx.c, key_id)
-            if old.expires_at is None or old.expires_at > now_ts():
+            if old.expires_at is None or (_ms_or_none(old.expires_at) or 0) > now_ms():
                 return False
             noted = tx.c.execute("SELECT expired_noted FROM keys WHERE id = ?", (key_id,)).fetchone()[0]
             if noted == old.expires_at:
@@ -768,5 +852,5 @@ def _split_sql(script: str) -> list[str]:
 
 __all__ = [
     "SCHEMA_VERSION", "EDITABLE", "KeyStore", "KeyRecord", "AuditEvent", "StoreError", "NotFound", "Conflict",
-    "InvalidValue", "now_ts", "parse_ts", "ts_to_ms", "ms_to_ts", "verify_chain", "read_head",
+    "InvalidValue", "StoreUnavailable", "unavailable", "now_ms", "now_ts", "parse_ts", "ts_to_ms", "ms_to_ts", "verify_chain", "read_head",
 ]

@@ -3,6 +3,7 @@ no plaintext key on disk, every method, pagination, and all-or-nothing failed wr
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
@@ -19,6 +20,7 @@ from fastgate.keys import (
     KeyStore,
     NotFound,
     StoreError,
+    StoreUnavailable,
     parse_ts,
     ts_to_ms,
 )
@@ -156,8 +158,8 @@ def test_create_get_public_and_record_shape(store):
                      deny_cidrs=["10.1.0.0/16"], limits=["5/second"], expires_at="2030-01-01T01:00:00+01:00",
                      metadata={"a": [1, 2]})
     out = store.create(rec, "admin")
-    assert out.expires_at == "2030-01-01T00:00:00Z"
-    assert out.created_at == out.updated_at and out.created_at.endswith("Z") and len(out.created_at) == 20
+    assert out.expires_at == "2030-01-01T00:00:00.000Z"
+    assert out.created_at == out.updated_at and out.created_at.endswith("Z") and len(out.created_at) == 24
     assert store.get(rec.id) == out
     assert store.get("nope") is None
     pub = out.public()
@@ -217,6 +219,99 @@ def test_failed_write_changes_nothing(store, tmp_path):
     assert count(store.path, "keys") == 1 and count(store.path, "audit") == 1
 
 
+def _unchanged(store, rec) -> None:
+    assert store.count() == 1 and len(store.audit()) == 1 and store.get(rec.id).name == "k"
+    assert store.verify_audit() == (True, [], 1)
+
+
+def test_full_disk_read_only_and_locked_are_store_unavailable(store, monkeypatch):
+    _, rec = new_key(store)
+    store.create(rec, "admin")
+    # disk full while writing the audit anchor (ENOSPC): nothing committed
+    import fastgate.keys.store as store_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "write_head", full)
+        for call in (lambda: store.create(new_key(store)[1], "admin"), lambda: store.revoke(rec.id, "admin"),
+                     lambda: store.update(rec.id, {"name": "z"}, "admin")):
+            with pytest.raises(StoreUnavailable, match="No space left on device"):
+                call()
+    _unchanged(store, rec)
+    # SQLite itself full (SQLITE_FULL): the database may not grow by a page
+    pages = store._c.execute("PRAGMA page_count").fetchone()[0]
+    store._c.execute(f"PRAGMA max_page_count = {pages}")
+    big = msgspec.structs.replace(new_key(store)[1], metadata={f"k{i}": "v" * 200 for i in range(500)})
+    with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
+        store.create(big, "admin")
+    store._c.execute("PRAGMA max_page_count = 4294967294")
+    _unchanged(store, rec)
+    # another writer holds the lock past the busy timeout (SQLITE_BUSY)
+    store._c.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.revoke(rec.id, "admin")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    _unchanged(store, rec)
+    # and once it is fixed, writes work again
+    store.create(new_key(store)[1], "admin")
+    assert store.count() == 2 and store.verify_audit()[0]
+
+
+def test_unavailable_classification():
+    from fastgate.keys.store import unavailable
+
+    def err(code, cls=sqlite3.OperationalError):
+        e = cls("x")
+        e.sqlite_errorcode = code
+        return e
+
+    for code in (5, 6, 8, 10, 13, 14, 26, 10 | (3 << 8)):  # BUSY LOCKED READONLY IOERR FULL CANTOPEN NOTADB IOERR_WRITE
+        assert unavailable(err(code)), code
+    for code in (1, 19, 20, 21, 25):  # ERROR CONSTRAINT MISMATCH MISUSE RANGE: bugs or bad input, not the disk
+        assert not unavailable(err(code)), code
+    assert unavailable(OSError(errno.ENOSPC, "full")) and unavailable(OSError(errno.EROFS, "ro"))
+    assert not unavailable(ValueError("x"))
+
+
+def test_names_owners_plans_refuse_control_characters(store):
+    for field, bad in (("name", "a\x1b[2J"), ("owner", "x\u202ey"), ("plan", "p\n"), ("name", "  ")):
+        _, rec = new_key(store, **{field: bad} if field != "name" else {})
+        rec = msgspec.structs.replace(rec, **{field: bad})
+        with pytest.raises(InvalidValue, match=field):
+            store.create(rec, "admin")
+    _, rec = new_key(store)
+    with pytest.raises(InvalidValue, match="metadata: key"):
+        store.create(msgspec.structs.replace(rec, metadata={"a\x00": 1}), "admin")
+    store.create(msgspec.structs.replace(rec, metadata={"note": "two\nlines"}), "admin")  # values may
+    with pytest.raises(InvalidValue, match="owner"):
+        store.update(rec.id, {"owner": "\u2066"}, "admin")
+    assert store.count() == 1
+
+
+def test_seconds_records_of_older_releases_read_in_milliseconds(store):
+    _, rec = new_key(store, expires_at="2020-01-01T00:00:00Z")
+    store.create(rec, "admin")
+    c = raw(store.path)  # as an older release wrote them: whole seconds
+    try:
+        c.execute("UPDATE keys SET expires_at = '2000-01-01T00:00:20Z', created_at = '2000-01-01T00:00:01Z'")
+        c.commit()
+    finally:
+        c.close()
+    old = store.get(rec.id)
+    assert old.public()["expires_at"] == "2000-01-01T00:00:20.000Z"
+    assert old.public()["created_at"] == "2000-01-01T00:00:01.000Z"
+    # due within the very second it expires (text order alone would wait for the next one)
+    assert store.due_expired(now="2000-01-01T00:00:20.500Z") == [rec.id]
+    assert store.due_expired(now="2000-01-01T00:00:19.999Z") == []
+
+
 def test_not_found(store):
     for call in (lambda: store.update("nope", {"name": "x"}, "a"), lambda: store.revoke("nope", "a"),
                  lambda: store.rotate("nope", b"d" * 32, 0, "a"), lambda: store.delete("nope", "a"),
@@ -231,13 +326,13 @@ def test_update_records_changed_fields(store):
     store.create(rec, "admin")
     out = store.update(rec.id, {"name": "b", "scopes": ["GET /x"], "plan": "pro", "metadata": {"k": 1},
                                 "expires_at": "2031-05-05T05:05:05.9+00:00"}, "alice")
-    assert (out.name, out.plan, out.metadata, out.expires_at) == ("b", "pro", {"k": 1}, "2031-05-05T05:05:05Z")
+    assert (out.name, out.plan, out.metadata, out.expires_at) == ("b", "pro", {"k": 1}, "2031-05-05T05:05:05.900Z")
     assert store.get(rec.id) == out
     ev = store.audit(key_id=rec.id)[-1]
     assert (ev.event, ev.actor) == ("updated", "alice")
     assert ev.changes == {"name": {"old": "a", "new": "b"}, "plan": {"old": None, "new": "pro"},
                           "metadata": {"old": {}, "new": {"k": 1}},
-                          "expires_at": {"old": None, "new": "2031-05-05T05:05:05Z"}}  # scopes unchanged
+                          "expires_at": {"old": None, "new": "2031-05-05T05:05:05.900Z"}}  # scopes unchanged
     # no-op update: no event
     store.update(rec.id, {"name": "b"}, "alice")
     assert len(store.audit(key_id=rec.id)) == 2
@@ -258,7 +353,8 @@ def test_rotate_keeps_previous_digest_for_the_grace(store):
     assert store.get(rec.id) == out
     ev = store.audit(key_id=rec.id)[-1]
     assert ev.event == "rotated" and ev.changes == {"previous_valid_until": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(until // 1000))}
+        "%Y-%m-%dT%H:%M:%S", time.gmtime(until // 1000)) + f".{until % 1000:03d}Z"}
+    assert out.public()["grace_until"] == ev.changes["previous_valid_until"]
     out = store.rotate(rec.id, b"\x03" * 32, 0, "admin")  # no grace: the old digest goes at once
     assert (out.prev_digest, out.grace_until_ms) == (None, 0)
     with pytest.raises(InvalidValue):
@@ -300,7 +396,7 @@ def test_mark_expired_once_per_expiry(store):
     assert store.mark_expired(live.id) is False and store.mark_expired(never.id) is False
     assert store.due_expired() == []
     ev = store.audit(key_id=rec.id)[-1]
-    assert (ev.event, ev.actor, ev.changes) == ("expired", "system", {"expires_at": "2020-01-01T00:00:00Z"})
+    assert (ev.event, ev.actor, ev.changes) == ("expired", "system", {"expires_at": "2020-01-01T00:00:00.000Z"})
     # extended, then expired again: a new event
     store.update(rec.id, {"expires_at": "2021-01-01T00:00:00Z"}, "admin")
     assert store.mark_expired(rec.id, actor="sweeper") is True
@@ -371,9 +467,12 @@ def test_closed_store_raises(tmp_path):
 
 
 def test_timestamps():
-    assert parse_ts("2030-01-01T00:00:00Z") == "2030-01-01T00:00:00Z"
-    assert parse_ts("2030-01-01t05:30:00.123+05:30") == "2030-01-01T00:00:00Z"
+    assert parse_ts("2030-01-01T00:00:00Z") == "2030-01-01T00:00:00.000Z"
+    assert parse_ts("2030-01-01t05:30:00.123+05:30") == "2030-01-01T00:00:00.123Z"
+    assert parse_ts("2026-12-01T21:43:20.9309999z") == "2026-12-01T21:43:20.930Z"  # truncated, never rounded up
     assert ts_to_ms("1970-01-01T00:00:10Z") == 10_000
-    for bad in ("yesterday", "2030-01-01", "2030-01-01T00:00:00", 5):
+    assert ts_to_ms("1970-01-01T00:00:10.001Z") == 10_001
+    for bad in ("yesterday", "2030-01-01", "2030-01-01T00:00:00", 5, "2030-01-01 00:00:00Z", "2030-02-30T00:00:00Z",
+                "2030-01-01T24:00:00Z", "2030-01-01T00:00:00+24:00", " 2030-01-01T00:00:00Z"):
         with pytest.raises(InvalidValue):
             parse_ts(bad)
