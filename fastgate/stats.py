@@ -39,6 +39,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 
 import msgspec
 
@@ -178,7 +179,11 @@ class StatsSegment:
             return None
         mm = self.mm
         off = region * REGION_BYTES
-        for _ in range(100):
+        for attempt in range(2000):
+            if attempt >= 100:
+                # a writer publishing back to back keeps winning the race:
+                # yield the CPU so one of our tries falls between its publishes
+                time.sleep(0)
             (active,) = _U64.unpack_from(mm, off)
             boff = off + _HDR + (active & 1) * _BUF
             (seq,) = _U64.unpack_from(mm, boff)
