@@ -177,6 +177,17 @@ class Gateway:
         return self.proc.returncode
 
 
+def wait_for(pred, timeout: float, step: float = 0.05):
+    """Poll pred until it returns something true or timeout passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

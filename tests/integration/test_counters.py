@@ -27,19 +27,9 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ADMIN_TOKEN, READY_TIMEOUT, _readline_with_deadline, basic_config, raw_exchange, wait_port
+from conftest import ADMIN_TOKEN, READY_TIMEOUT, _readline_with_deadline, basic_config, raw_exchange, wait_port, wait_for
 
 THREADS = 4
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def scrape(admin_url: str) -> dict:
@@ -152,7 +142,7 @@ class Load:
 
 def _settle(admin_url: str, want: float, timeout: float = 10.0) -> float:
     """Poll until /metrics counts `want` requests (workers publish ~once a second)."""
-    got = _wait_for(lambda: (t := requests_total(scrape(admin_url))) == want and t, timeout, 0.1)
+    got = wait_for(lambda: (t := requests_total(scrape(admin_url))) == want and t, timeout, 0.1)
     return got if got else requests_total(scrape(admin_url))
 
 
@@ -165,7 +155,7 @@ def test_killed_worker_totals_are_carried_forward(start_gateway, upstream):
     load.start()
     try:
         load.go.set()
-        assert _wait_for(lambda: load.served() >= 400, 30)
+        assert wait_for(lambda: load.served() >= 400, 30)
         load.pause()
         n1 = load.served()
         assert _settle(gw.admin_url, base + n1) == base + n1  # all published: the sync point
@@ -174,18 +164,18 @@ def test_killed_worker_totals_are_carried_forward(start_gateway, upstream):
         victims = gw.worker_pids()
         assert len(victims) == 2
         load.go.set()
-        assert _wait_for(lambda: load.served() >= n1 + 20, 30, 0.005)
+        assert wait_for(lambda: load.served() >= n1 + 20, 30, 0.005)
         os.kill(victims[0], signal.SIGKILL)
         # Every response the dead worker sent is in the client's hands once the
         # clients are idle: this window holds all it may have left unpublished.
         load.pause()
         window = load.served(since=sync)
-        replaced = _wait_for(lambda: (p := gw.worker_pids()) and len(p) == 2 and victims[0] not in p, 15)
+        replaced = wait_for(lambda: (p := gw.worker_pids()) and len(p) == 2 and victims[0] not in p, 15)
         assert replaced, gw.log()
         # Load on the replacement too, then stop and let the workers publish.
         load.go.set()
         target = load.served() + 150
-        assert _wait_for(lambda: load.served() >= target, 30)
+        assert wait_for(lambda: load.served() >= target, 30)
         load.pause()
         total_ok = load.served()
         errors = list(load.errors)
@@ -250,7 +240,7 @@ def test_reload_that_retires_workers_keeps_their_totals(tmp_path, upstream):
             out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
             return len(out.stdout.split()) == 2  # one worker + the admin process
 
-        assert _wait_for(one_worker, 15)
+        assert wait_for(one_worker, 15)
         after = scrape(admin_url)
         for k, v in before.items():
             assert after.get(k, -1) >= v, (k, v, after.get(k))

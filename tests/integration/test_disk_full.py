@@ -23,17 +23,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ADMIN_TOKEN, READY_TIMEOUT, _readline_with_deadline, basic_config, raw_exchange, wait_port
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
+from conftest import ADMIN_TOKEN, READY_TIMEOUT, _readline_with_deadline, basic_config, raw_exchange, wait_port, wait_for
 
 
 def mount_namespace_prefix(mountpoint: Path) -> list[str]:
@@ -141,7 +131,7 @@ def test_full_disk_leaves_no_torn_line_and_logging_resumes(tmp_path, upstream):
                 assert out.startswith(b"HTTP/1.1 200 "), (tag, i, out[:200])
 
         served("before", 30)
-        assert _wait_for(lambda: log_path.exists() and len(whole_lines(log_path)) == 30, 10)
+        assert wait_for(lambda: log_path.exists() and len(whole_lines(log_path)) == 30, 10)
 
         filler = gw.fs / "filler"
         size = fill(filler)
@@ -160,7 +150,7 @@ def test_full_disk_leaves_no_torn_line_and_logging_resumes(tmp_path, upstream):
             got = [x["path"] for x in whole_lines(log_path) if x["path"].startswith("/echo/after/")]
             return len(got) == 50
 
-        assert _wait_for(resumed, 10), whole_lines(log_path)[-5:]
+        assert wait_for(resumed, 10), whole_lines(log_path)[-5:]
         lines = whole_lines(log_path)
         assert len({x["request_id"] for x in lines}) == len(lines)  # no line written twice
 
@@ -168,7 +158,7 @@ def test_full_disk_leaves_no_torn_line_and_logging_resumes(tmp_path, upstream):
             m = gw.metrics()
             return m if m.get("fastgate_access_log_lines_total") == len(lines) else None
 
-        m = _wait_for(settled, 10)
+        m = wait_for(settled, 10)
         assert m, (gw.metrics(), len(lines))
         # Every request is either a whole line in the file or counted as dropped.
         assert m["fastgate_access_log_dropped_total"] == 480 - len(lines) > 0

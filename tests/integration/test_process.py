@@ -13,17 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, _readline_with_deadline, basic_config
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
+from conftest import ROOT, _readline_with_deadline, basic_config, wait_for
 
 
 def test_sigterm_drains_in_flight_requests(start_gateway, upstream):
@@ -109,7 +99,7 @@ def test_sighup_reload_under_load_has_zero_failures(start_gateway, upstream):
         gw.config_path.write_text(new)
         gw.signal(signal.SIGHUP)
         # The new route applies: strip_path removes '/v2'.
-        assert _wait_for(lambda: httpx.get(gw.url + "/v2/echo/x", timeout=5).status_code == 200, 5)
+        assert wait_for(lambda: httpx.get(gw.url + "/v2/echo/x", timeout=5).status_code == 200, 5)
         assert httpx.get(gw.url + "/v2/echo/x", timeout=5).json()["path"] == "/echo/x"
         time.sleep(0.3)
     finally:
@@ -124,7 +114,7 @@ def test_bad_reload_keeps_running_config(start_gateway, upstream):
     gw = start_gateway(basic_config(upstream))
     gw.config_path.write_text(basic_config(upstream) + '\n[[routes]]\nname = "bad"\npath = "nope"\nupstream = "missing"\n')
     gw.signal(signal.SIGHUP)
-    assert _wait_for(lambda: "reload failed" in gw.log(), 5), gw.log()
+    assert wait_for(lambda: "reload failed" in gw.log(), 5), gw.log()
     log = gw.log()
     assert "$.routes[2].path" in log and "$.routes[2].upstream" in log
     assert httpx.get(gw.url + "/echo/still", timeout=5).status_code == 200
@@ -135,7 +125,7 @@ def test_killed_worker_is_replaced(start_gateway, upstream):
     before = gw.worker_pids()
     assert len(before) == 2
     os.kill(before[0], signal.SIGKILL)
-    after = _wait_for(lambda: (p := gw.worker_pids()) and len(p) == 2 and before[0] not in p and p, 10)
+    after = wait_for(lambda: (p := gw.worker_pids()) and len(p) == 2 and before[0] not in p and p, 10)
     assert after and before[1] in after
     assert "worker 0" in gw.log() or "worker 1" in gw.log()
     # Every worker serves: many fresh connections spread over both sockets.
@@ -191,7 +181,7 @@ def test_admin_reload_validates_then_applies(start_gateway, upstream):
                               'strip_path = true\n')
     r = gw.admin("POST", "/reload", expect=202)
     assert r.json()["status"] == "reload requested"
-    assert _wait_for(lambda: httpx.get(gw.url + "/v3/echo/x", timeout=5).status_code == 200, 5)
+    assert wait_for(lambda: httpx.get(gw.url + "/v3/echo/x", timeout=5).status_code == 200, 5)
     # A bad file is refused by the API with every problem, and nothing changes.
     gw.config_path.write_text(config + '\n[[routes]]\nname = "bad"\npath = "x"\nupstream = "nope"\n')
     r = gw.admin("POST", "/reload", expect=400)

@@ -14,17 +14,7 @@ import time
 
 import httpx
 
-from conftest import ADMIN_TOKEN, _readline_with_deadline, basic_config
-
-
-def _wait_for(pred, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
+from conftest import ADMIN_TOKEN, _readline_with_deadline, basic_config, wait_for
 
 
 def run_cli(*args, cwd, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -91,7 +81,7 @@ def test_lock_outlives_the_master_while_its_workers_live_and_stale_lock_is_no_ob
     try:
         gw.proc.send_signal(signal.SIGKILL)
         gw.proc.wait(10)
-        assert _wait_for(lambda: not alive(workers[1]) and not alive(admin), 15)
+        assert wait_for(lambda: not alive(workers[1]) and not alive(admin), 15)
         again = tmp_path / "again.toml"
         again.write_text(config)
         out = run_cli("run", "--config", str(again), "--workers", "1", "--listen", "127.0.0.1:0",
@@ -100,7 +90,7 @@ def test_lock_outlives_the_master_while_its_workers_live_and_stale_lock_is_no_ob
         assert f"left by the gateway with master pid {master} (it has exited" in out.stderr, out.stderr
     finally:
         os.kill(workers[0], signal.SIGKILL)
-    assert _wait_for(lambda: not alive(workers[0]), 10)
+    assert wait_for(lambda: not alive(workers[0]), 10)
     # Every holder is dead: the lock file (with its stale pid) is still there and no obstacle.
     assert lock.read_text().strip() == str(master)
     gw2 = start_gateway(config, workers=2, name="again.toml")
