@@ -29,7 +29,6 @@ import time
 
 import msgspec
 
-from .errors import STAGE_OF  # noqa: F401  (re-exported: which stage answered)
 
 log = logging.getLogger("fastgate.accesslog")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from conftest import ADMIN_TOKEN, Gateway  # noqa: F401  (re-exported for the test modules)
+from conftest import Gateway
 
 READ_TIMEOUT = 5.0
 _markers = itertools.count(1)

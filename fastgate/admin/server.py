@@ -37,7 +37,7 @@ from msgspec import Meta
 from .. import config as cfg
 from .. import core
 from ..errors import ERRORS, ConfigError
-from ..keys.store import Conflict, InvalidValue, NotFound, StoreError, StoreUnavailable, unavailable
+from ..keys.store import Conflict, InvalidValue, NotFound, StoreUnavailable, unavailable
 from ..workers.worker import MessageReader, send_msg
 from . import keysync
 from .openapi import ANY_JSON, MAX_BODY, PATH_PARAM_TYPES, TEXT, Op, Param, document, pattern_of

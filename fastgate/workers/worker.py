@@ -26,8 +26,8 @@ import uvloop
 from .. import config as cfg
 from .. import core
 from ..admin import keysync
-from ..accesslog import STAGE_OF, AccessLog, AccessRecord
-from ..errors import ERROR_STATUS
+from ..accesslog import AccessLog, AccessRecord
+from ..errors import ERROR_STATUS, STAGE_OF
 from ..ipfilter import IpRules, pack_ip
 from ..server.http1 import double_encoded, error_reply
 from ..server.protocol import K_HEAD, K_IDLE, ClientConnection, now_ns
@@ -194,10 +194,6 @@ class Worker:
             soft = 1 << 20
         reserve = 64 + sum(u.max_idle * len(u.targets) for u in config.upstreams)
         return max(64, (soft - reserve) // 2)
-
-    def now_precise(self) -> float:
-        loop = self.loop
-        return loop.time() if loop is not None else 0.0
 
     def log_exchange(self, ex) -> None:
         """Step 9: the access-log line (only called when the log is on)."""

@@ -12,7 +12,7 @@ the child, so for it the old record is simply untouched)."""
 import os
 
 import pytest
-from corehelp import SECRET, T0
+from corehelp import T0
 
 from fastgate import _core_py as P
 
