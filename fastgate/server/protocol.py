@@ -196,6 +196,7 @@ class ClientConnection(asyncio.Protocol):
         "discarding",
         "linger_end",
         "peer_packed",
+        "doomed",
     )
 
     def __init__(self, worker):
@@ -223,6 +224,7 @@ class ClientConnection(asyncio.Protocol):
         self.discarding = False
         self.linger_end = 0.0
         self.peer_packed = b""
+        self.doomed = 0  # while a batch is handled: the seq of the message its error refuses
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -290,7 +292,7 @@ class ClientConnection(asyncio.Protocol):
         n = len(events)
         # The parser stops at an error, so it is last; the head it belongs to (if
         # it came in this same read) is never dispatched.
-        doomed = events[n - 1][2] if events[n - 2] == EV_ERROR else 0
+        doomed = self.doomed = events[n - 1][2] if events[n - 2] == EV_ERROR else 0
         i = 0
         while i < n:
             kind = events[i]
@@ -308,7 +310,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.reject_now(value[0], value[1])
             if self.closed:
-                return
+                break
+        self.doomed = 0
 
     def connection_lost(self, exc):
         was_closed = self.closed
@@ -425,7 +428,7 @@ class ClientConnection(asyncio.Protocol):
         if buf is None:
             buf = ex.body_buf = []
         buf.append(body)
-        if ex.waiting and ex.body_seen > route.request_buffer:
+        if ex.waiting and ex.body_seen > route.request_buffer and ex.head.seq != self.doomed:
             # Past what we buffer: from here the body streams.
             ex.waiting = False
             ex.streaming = True

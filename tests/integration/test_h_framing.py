@@ -188,3 +188,20 @@ def test_admitted_key_request_with_bad_body(tmp_path):
         harness.assert_refused(raw, 400, "bad_request", mark)
     finally:
         harness.stop()
+
+
+def test_a_body_crossing_request_buffer_in_the_read_that_breaks_it_never_streams(h):
+    # The head came earlier; one read then carries enough to cross
+    # request_buffer *and* a framing error: nothing goes upstream.
+    mark = marker()
+    c = Client(h.port)
+    c.send(chunked_post(mark, "/stream/") + b"3\r\nabc\r\n")
+    time.sleep(0.2)
+    piece = b"a" * 600
+    c.send((b"%x\r\n%s\r\n" % (len(piece), piece)) * 3 + b"5\r\nhello\n")
+    (r,) = c.read(1)
+    assert (r.status, r.code) == (400, "bad_request")
+    assert c.wait_closed()
+    c.close()
+    time.sleep(0.1)
+    assert not h.up.saw(mark)
