@@ -205,3 +205,16 @@ def test_a_body_crossing_request_buffer_in_the_read_that_breaks_it_never_streams
     c.close()
     time.sleep(0.1)
     assert not h.up.saw(mark)
+
+
+def test_trailers_never_become_fields_of_the_next_pipelined_request(h):
+    # With httptools, trailer fields were appended to the next request's
+    # headers: a trailer could smuggle X-Api-Key into a pipelined request.
+    first, second = marker(), marker()
+    raw = (chunked_post(first) + b"3\r\nabc\r\n0\r\nX-Smuggled: yes\r\nX-Api-Key: " + h.key.encode() + b"\r\n\r\n"
+           + f"GET /api/public/{second} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    replies, c = h.request(raw, 2)
+    c.close()
+    assert [r.status for r in replies] == [200, 401]  # the second carries no key of its own
+    assert not h.up.saw(second)
+    assert "x-smuggled" not in [n.decode().lower() for n, _ in h.up.message_with(first).headers]
