@@ -121,6 +121,11 @@ class Exchange:
         "client",
         "target",
         "key_index",
+        "authz_method",
+        "verdict",
+        "rate",
+        "policy",
+        "up_path",
     )
 
     def __init__(self, conn, h, path: bytes, request_id: str):
@@ -170,6 +175,11 @@ class Exchange:
         self.client = None
         self.target = None
         self.key_index = -1
+        self.authz_method = h.method  # what routes and scopes check (a route may honour method override)
+        self.verdict = 0  # the core's answer for the key
+        self.rate = 0
+        self.policy = b""
+        self.up_path = None  # the path the upstream gets, when a rewrite changed it
 
 
 class ClientConnection(asyncio.Protocol):

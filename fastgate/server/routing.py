@@ -24,6 +24,7 @@ class Route:
         "request_buffer",
         "method_override",
         "reject_double_encoding",
+        "stages",
     )
 
     def __init__(self, rc: RouteConfig, upstream, default_max_body: int, default_buffer: int = 65536):
@@ -50,6 +51,7 @@ class Route:
         self.method_override = rc.method_override
         rd = rc.reject_double_encoding
         self.reject_double_encoding = rc.auth != "none" if rd is None else rd
+        self.stages = ()  # compiled by the worker (fastgate/pipeline.py), which owns the tables they use
 
 
 class Router:

@@ -17,19 +17,17 @@ import secrets
 import signal
 import socket
 import struct
-import time
 from bisect import bisect_left
-from urllib.parse import unquote_to_bytes
 
 import uvloop
 
 from .. import config as cfg
 from .. import core
-from ..admin import keysync
+from .. import pipeline
 from ..accesslog import AccessLog, AccessRecord
 from ..errors import ERROR_STATUS, STAGE_OF
-from ..ipfilter import IpRules, pack_ip
-from ..server.http1 import double_encoded, error_reply
+from ..ipfilter import IpRules
+from ..server.http1 import error_reply
 from ..server.protocol import K_HEAD, K_IDLE, ClientConnection, now_ns
 from ..server.routing import Router
 from ..upstream.client import UpstreamConn
@@ -38,39 +36,7 @@ from ..upstream.pool import build_groups
 log = logging.getLogger("fastgate.worker")
 
 _LEN = struct.Struct("!I")
-_WWW_AUTH = b'www-authenticate: Bearer realm="fastgate"\r\n'
-_CONFLICT = object()
-_KEY_MESSAGES = {
-    core.NO_SUCH_KEY: "API key not recognised",
-    core.KEY_MALFORMED: "API key is malformed or fails its checksum",
-    core.KEY_REVOKED: "API key has been revoked",
-    core.KEY_DISABLED: "API key is disabled",
-    core.KEY_EXPIRED: "API key has expired",
-    core.KEY_NOT_YET_VALID: "API key is not valid yet",
-    core.SCOPE_DENIED: "API key may not call this method on this path",
-    core.KEY_IP_DENIED: "API key may not be used from this address",
-    core.KEY_BUSY: "key table is being written; retry",
-}
-# Request latency histogram bucket bounds (seconds), Prometheus-style.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400, "month": 2_592_000}
-
-
-def policy_header(limits: dict[str, int]) -> bytes:
-    """RateLimit-Policy (IETF httpapi draft): '10;w=1, 1000;w=86400'."""
-    if not limits:
-        return b""
-    items = sorted(limits.items(), key=lambda kv: _WINDOW_SECONDS[kv[0]])
-    return b"ratelimit-policy: " + ", ".join(f"{n};w={_WINDOW_SECONDS[u]}" for u, n in items).encode() + b"\r\n"
-
-
-def host_name(authority: bytes) -> bytes:
-    """The host of a validated authority, lower-cased, without its port."""
-    if authority[:1] == b"[":
-        return authority[: authority.find(b"]") + 1].lower()
-    return authority.split(b":", 1)[0].lower()
-
-
 def forwarded_element(peer: str, host: bytes, proto: bytes) -> bytes:
     """An RFC 7239 Forwarded field for this hop."""
     node = f'"[{peer}]"' if ":" in peer else peer
@@ -167,7 +133,7 @@ class Worker:
         for route in self.router.routes:
             if route.ip_limits:
                 route.ip_policy = self.rates.policy(f"ip:{route.name}", route.ip_limits, where=f"routes.{route.name}")
-                route.ip_policy_header = policy_header(
+                route.ip_policy_header = pipeline.policy_header(
                     dict((u, n) for n, u in map(cfg.parse_limit, route.ip_limits)))
         fal = config.keys.failed_auth_limit
         # Failed checks evict the stalest subject when their table is full (it
@@ -176,6 +142,8 @@ class Worker:
                                                                             on_full="evict")
         self.v6_prefix = config.ip.v6_subject_prefix
         self.idcache = {}
+        for route in self.router.routes:
+            route.stages = pipeline.compile_route(route, self)
         timeouts = [config.server.header_timeout, config.server.body_timeout, config.server.keepalive_timeout]
         for u in config.upstreams:
             timeouts += (u.connect_timeout, u.read_timeout, u.idle_timeout)
@@ -285,201 +253,28 @@ class Worker:
                            self._log_base[1] + (self.access.dropped if self.access is not None else 0)],
         })
 
-    # -- the decision pipeline (DESIGN.md order) --------------------------------
+    # -- the decision pipeline (fastgate/pipeline.py) ---------------------------
     def handle(self, ex) -> None:
-        conn = ex.conn
-        router = self.router
-        route = router.match(host_name(ex.host) if router.by_host and ex.host else None, ex.path)
-        if route is None:
-            conn.local_reply(ex, "no_route", "no route matches this host and path")
-            return
-        ex.route = route
-        if route.reject_double_encoding and double_encoded(ex.path):
-            conn.local_reply(ex, "bad_request", "double-encoded '.', '/' or '\\' in the path")
-            return
-        method = ex.method
-        if route.method_override:
-            override = ex.head.method_override
-            if override is not None:
-                method = override.strip()
-                if method not in self.method_bits:
-                    conn.local_reply(ex, "bad_request", "method override names no known method")
-                    return
-                ex.headers = ex.headers + [ex.head.method_override_field]
-        if route.methods is not None and method not in route.methods:
-            conn.local_reply(ex, "method_not_allowed", "method not allowed on this route", route.allow_header)
-            return
-        ip = self.ip
-        client = ip.client_ip(conn.peer, conn.trusted, ex.xff) if conn.trusted else conn.peer
-        ex.client = client
-        if ip.active and ip.denied(client):
-            conn.local_reply(ex, "ip_denied", "client address is not allowed")
-            return
-        # The body limit comes before credentials and limits, so an oversized
-        # upload never spends quota.
-        if (ex.length is not None and ex.length > route.max_body) or ex.body_seen > route.max_body:
-            conn.local_reply(ex, "body_too_large", f"request body exceeds {route.max_body} bytes")
-            return
-        if route.auth == "key":
-            if not self._authenticate(ex, route, client, method):
-                return
-        elif route.ip_policy is not None:
-            packed = conn.peer_packed if client is conn.peer else pack_ip(client)
-            r = self.rates.hit(route.ip_policy, self.addr_subject(packed), time.time_ns() // 1_000_000)
-            if r < 0 and r != core.UNLIMITED:
-                self._rate_limited(ex, r, route.ip_policy_header)
-                return
-            if r != core.UNLIMITED:
-                ex.resp_extra = self._rate_headers(route.ip_policy_header)
-        self.proxy(ex, route.upstream.next_target())
+        pipeline.handle(self, ex)
+
+    def identity(self, idx: int):
+        return pipeline.identity(self, idx)
 
     def addr_subject(self, packed: bytes) -> int:
         """The rate subject of a client address: IPv4 by address, IPv6 by its
         prefix (default /64); an unknown address is one shared subject."""
         return core.addr_subject(packed, self.v6_prefix)
 
-    def _authenticate(self, ex, route, client: str, method: bytes) -> bool:
-        """Steps 5-7: key -> validity/scope/key CIDRs -> limits. False: replied.
-
-        A valid key is always checked and admitted under its own limits, from
-        any address: only failed checks count towards the address's
-        failed-auth limit, and only the failures beyond it get 429."""
-        conn = ex.conn
-        key = self._take_key(ex, route)
-        if key is None:
-            conn.local_reply(ex, "key_missing", "this route needs an API key", _WWW_AUTH)
-            return False
-        if key is _CONFLICT:
-            conn.local_reply(ex, "bad_request", "the request carries two different API keys")
-            return False
-        packed = conn.peer_packed if client is conn.peer else pack_ip(client)
-        now_ms = time.time_ns() // 1_000_000
-        bit = self.method_bits.get(method)
-        if bit is None:
-            bit = core.method_bit(method)
-        idx = self.keys.check_key(key, bit, ex.path, packed, now_ms)
-        if idx < 0:
-            code = core.ERROR_CODE.get(idx, "key_invalid")
-            if code == "key_invalid" and self._failed_auth(packed, now_ms):
-                retry = max(1, -(-self.rates.retry_after_ms // 1000))
-                conn.local_reply(ex, "rate_limited", "too many failed key checks from this address",
-                                 b"retry-after: %d\r\n" % retry)
-                return False
-            conn.local_reply(ex, code, _KEY_MESSAGES.get(idx, "API key refused"),
-                             _WWW_AUTH if code in ("key_invalid", "key_expired") else
-                             b"retry-after: 1\r\n" if code == "overloaded" else b"")
-            return False
-        ident = self._identity(idx)
-        ex.identity = ident[0]
-        ex.key = ident[4]
-        ex.key_index = idx
-        r = self.rates.hit_key(ident[1], self.keys, idx, now_ms)
-        if r == core.UNLIMITED:
-            return True
-        if r < 0:
-            self._rate_limited(ex, r, ident[2])
-            return False
-        ex.resp_extra = self._rate_headers(ident[2])
-        return True
-
-    def _take_key(self, ex, route):
-        """Find the key (configured header, Authorization: Bearer, or an opted-in
-        query parameter) and remove it from what the upstream will see."""
-        kh = self.key_header
-        found = None
-        keep = None
-        headers = ex.headers
-        for i, h in enumerate(headers):
-            ln = h[0]
-            if ln == kh:
-                cand = h[2].strip()
-            elif ln == b"authorization" and h[2][:7].lower() == b"bearer ":
-                cand = h[2][7:].strip()
-            else:
-                continue
-            if found is not None and cand != found:
-                return _CONFLICT
-            found = cand
-            if keep is None:
-                keep = headers[:i]
-        if keep is not None:
-            keep += [h for h in headers[len(keep):]
-                     if h[0] != kh and not (h[0] == b"authorization" and h[2][:7].lower() == b"bearer ")]
-            ex.headers = keep
-        param = route.key_query_param
-        if param and ex.query:
-            parts = ex.query[1:].split(b"&")
-            rest = []
-            for part in parts:
-                name, _, value = part.partition(b"=")
-                if name == param:
-                    cand = unquote_to_bytes(value)
-                    if found is not None and cand != found:
-                        return _CONFLICT
-                    found = cand
-                else:
-                    rest.append(part)
-            ex.query = b"?" + b"&".join(rest) if rest else b""
-        return found
-
-    def _identity(self, idx: int):
-        """(identity header bytes, rate policy id, RateLimit-Policy value) per key,
-        cached per record generation: a plan change applies on the next request."""
-        gen = self.keys.generation(idx)
-        hit = self.idcache.get(idx)
-        if hit is not None and hit[3] == gen:
-            return hit
-        key_id, owner, plan, limits = keysync.decode_meta(self.keys.meta(idx))
-        hdr = b"x-fastgate-key-id: %s\r\n" % key_id.encode()
-        if plan:
-            hdr += b"x-fastgate-plan: %s\r\n" % plan.encode()
-        if owner:
-            # DESIGN names the owner both ways (owner in its interface list,
-            # tenant in its key section): send both so either contract holds.
-            o = owner.encode("utf-8", "replace")
-            hdr += b"x-fastgate-owner: %s\r\nx-fastgate-tenant: %s\r\n" % (o, o)
-        policy = self.plan_policies.get(plan)
-        if policy is None:  # no plan, or one a reload removed: the key's own limits only
-            policy = self.plan_policies[""]
-        merged = dict(self.plan_limits.get(plan, {}))
-        for lim in limits:
-            n, unit = cfg.parse_limit(lim)
-            merged[unit] = n
-        entry = (hdr, policy, policy_header(merged), gen, (key_id, owner, plan))
-        if len(self.idcache) > 100_000:
-            self.idcache.clear()
-        self.idcache[idx] = entry
-        return entry
-
-    def _failed_auth(self, packed: bytes, now_ms: int) -> bool:
+    def failed_auth(self, packed: bytes, now_ms: int) -> bool:
         """Count one failed key check for the address (shared by all workers);
         True when it is beyond the limit (the caller answers 429)."""
         if self.authfail_policy is None:
             return False
         return self.rates.hit(self.authfail_policy, self.addr_subject(packed), now_ms) == core.RATE_LIMITED
 
-    def _rate_headers(self, policy: bytes) -> bytes:
-        rt = self.rates
-        reset = -(-rt.reset_ms // 1000)
-        return b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n%s" \
-               b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: %d\r\nx-ratelimit-reset: %d\r\n" % (
-                   rt.limit, rt.remaining, reset, policy, rt.limit, rt.remaining, reset)
-
-    def _rate_limited(self, ex, r: int, policy: bytes) -> None:
-        if r == core.RATE_TABLE_FULL:
-            ex.conn.local_reply(ex, "rate_limited", "rate-limit table is full; try again later", b"retry-after: 1\r\n")
-            return
-        retry = max(1, -(-self.rates.retry_after_ms // 1000))
-        ex.conn.local_reply(ex, "rate_limited", "rate limit exceeded",
-                            b"retry-after: %d\r\n" % retry + self._rate_headers(policy))
-
     def build_head(self, ex, target) -> bytes:
         route = ex.route
-        path = ex.path
-        if route.strip_path and route.prefix != b"/":
-            path = path[len(route.prefix) :] or b"/"
-            if path[:1] != b"/":
-                path = b"/" + path
+        path = ex.up_path or ex.path
         conn = ex.conn
         peer = conn.peer.encode()
         trusted = conn.trusted
