@@ -208,6 +208,8 @@ cdef enum:
     S_UPGRADED = 13
     S_DEAD = 14
     S_CLOSED = 15       # after a message that ends the connection: input is ignored
+    S_IDLE = 16         # response side: no request outstanding, so no byte may arrive
+    S_UNTIL_CLOSE = 17  # response side: a body that ends when the upstream closes
 
 # chunk-extension sub-states
 cdef enum:
@@ -227,29 +229,18 @@ DEF CHUNK_SIZE_MAX = 0x3FFFFFFFFFFFFFFF
 DEF REQUEST_LINE_SLACK = 64   # method, spaces and version beside the target
 
 
-cdef class RequestParser:
-    """Strict HTTP/1.1 request parser; see the module docstring."""
+cdef class _Body:
+    """The body decoder both parsers share: Content-Length counting and the
+    strict chunked grammar (with its trailer rules). Subclasses parse heads."""
 
-    cdef public bint trusted          # the peer is a trusted proxy (client-address fields kept)
-    cdef public bint underscores      # forward field names with '_' (never ones that alias ours)
-    cdef Py_ssize_t max_url
-    cdef Py_ssize_t max_head          # bytes of field lines (the request line is bounded by max_url)
-    cdef int max_fields
     cdef Py_ssize_t max_ext           # bytes of extensions per chunk line
     cdef int max_trailers
     cdef Py_ssize_t max_trailer_bytes
-    cdef bytes key_header             # lower-case; its '_' alias is always dropped
     cdef int state
-    cdef int seq                      # Head.seq of the last head produced
     cdef int after                    # state once the current message ends
     cdef readonly object error        # (code, message) once dead
-    # an unfinished head: its bytes and where scanning resumes (offsets into it)
-    cdef bytearray buf
-    cdef Py_ssize_t scan_pos
-    cdef int nlines                   # non-empty lines seen (1 = the request line)
-    cdef int leading                  # empty lines before the request line
-    cdef Py_ssize_t line0_start       # where the request line starts
-    cdef Py_ssize_t line0_end         # just past its LF
+    cdef object bad                   # the error code for a malformed body
+    cdef object too_big               # the error code for a body part over its limit
     # the body being decoded
     cdef int64_t remaining
     cdef int ndigits
@@ -259,6 +250,212 @@ cdef class RequestParser:
     cdef Py_ssize_t trailer_bytes
     cdef Py_ssize_t tname_len
     cdef uint8_t tname[24]
+
+    cdef inline void _start_chunked(self) noexcept:
+        self.state = S_CSIZE
+        self.ndigits = 0
+        self.remaining = 0
+        self.ntrailers = 0
+        self.trailer_bytes = 0
+
+    cdef int _err(self, code, message) except -1:
+        self.error = (code, message)
+        return 0
+
+    # -- chunked bodies ---------------------------------------------------------------
+    cdef Py_ssize_t _chunked(self, list ev, const uint8_t *p, Py_ssize_t i, Py_ssize_t n) except -3:
+        """Decode p[i:n]; returns the offset reached, or -1 on a framing error."""
+        cdef uint8_t c
+        cdef int st = self.state
+        cdef Py_ssize_t take
+        while i < n:
+            if st == S_CDATA:
+                take = n - i
+                if take > self.remaining:
+                    take = <Py_ssize_t>self.remaining
+                ev.append(EV_BODY)
+                ev.append(PyBytes_FromStringAndSize(<const char *>p + i, take))
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    st = S_CDATA_CR
+                continue
+            c = p[i]
+            if st == S_CSIZE:
+                if CLS[c] & C_HEX:
+                    self.ndigits += 1
+                    if self.ndigits > MAX_CHUNK_DIGITS or self.remaining > (CHUNK_SIZE_MAX >> 4):
+                        return self._cfail(st, self.bad, "chunk size is too large")
+                    self.remaining = self.remaining * 16 + _hexval(c)
+                elif self.ndigits and c == 59:  # ';'
+                    st = S_CEXT
+                    self.xstate = X_NAME0
+                    self.ext_len = 0
+                elif self.ndigits and c == 13:
+                    st = S_CSIZE_LF
+                else:
+                    return self._cfail(st, self.bad, "invalid chunk size")
+            elif st == S_CEXT:
+                self.ext_len += 1
+                if self.ext_len > self.max_ext:
+                    return self._cfail(st, self.bad, "chunk extensions exceed the size limit")
+                if not self._ext(c):
+                    return self._cfail(st, self.bad, "invalid chunk extension")
+                if self.xstate == X_END:
+                    st = S_CSIZE_LF
+            elif st == S_CSIZE_LF:
+                if c != 10:
+                    return self._cfail(st, self.bad, "bare CR in a chunk size line")
+                st = S_TRAILER if self.remaining == 0 else S_CDATA
+            elif st == S_CDATA_CR:
+                if c != 13:
+                    return self._cfail(st, self.bad, "chunk data is longer than its size or lacks its CRLF")
+                st = S_CDATA_LF
+            elif st == S_CDATA_LF:
+                if c != 10:
+                    return self._cfail(st, self.bad, "bare CR after chunk data")
+                st = S_CSIZE
+                self.ndigits = 0
+                self.remaining = 0
+            elif st == S_TRAILER:
+                if c == 13:
+                    st = S_TEND_LF
+                elif CLS[c] & C_TCHAR:
+                    self.ntrailers += 1
+                    if self.ntrailers > self.max_trailers:
+                        return self._cfail(st, self.too_big, "too many trailer fields")
+                    st = S_TNAME
+                    self.tname_len = 0
+                    self._tname_add(c)
+                    self.trailer_bytes += 1
+                elif c == 32 or c == 9:
+                    return self._cfail(st, self.bad, "obsolete line folding in a trailer field")
+                else:
+                    return self._cfail(st, self.bad, "malformed trailer field")
+            elif st == S_TNAME:
+                self.trailer_bytes += 1
+                if CLS[c] & C_TCHAR:
+                    self._tname_add(c)
+                elif c == 58:
+                    if self._tname_forbidden():
+                        return self._cfail(st, self.bad, "framing or routing field in the trailer section")
+                    st = S_TVALUE
+                elif c == 32 or c == 9:
+                    return self._cfail(st, self.bad, "whitespace between a trailer name and its colon")
+                else:
+                    return self._cfail(st, self.bad, "malformed trailer field name")
+            elif st == S_TVALUE:
+                self.trailer_bytes += 1
+                if c == 13:
+                    st = S_TVALUE_LF
+                elif not CLS[c] & C_VALUE:
+                    return self._cfail(st, self.bad, "control character in a trailer field value")
+            elif st == S_TVALUE_LF:
+                if c != 10:
+                    return self._cfail(st, self.bad, "bare CR in the trailer section")
+                st = S_TRAILER
+            elif st == S_TEND_LF:
+                if c != 10:
+                    return self._cfail(st, self.bad, "bare CR at the end of the trailer section")
+                ev.append(EV_END)
+                ev.append(None)
+                self.state = self.after
+                return i + 1
+            if self.trailer_bytes > self.max_trailer_bytes:
+                return self._cfail(st, self.too_big, "trailer section exceeds the size limit")
+            i += 1
+        self.state = st
+        return i
+
+    cdef Py_ssize_t _cfail(self, int st, code, message) except -3:
+        self.state = st
+        self._err(code, message)
+        return -1
+
+    cdef inline void _tname_add(self, uint8_t c) noexcept:
+        if self.tname_len < 24:
+            self.tname[self.tname_len] = LOWER[c]
+        self.tname_len += 1
+
+    cdef bint _tname_forbidden(self) noexcept:
+        """Trailers may not carry framing or routing (RFC 9110 §6.5.1); their
+        '_' aliases neither."""
+        cdef Py_ssize_t n = self.tname_len, i
+        cdef uint8_t t[24]
+        if n > 24:
+            return False
+        for i in range(n):
+            t[i] = 45 if self.tname[i] == 95 else self.tname[i]
+        return (_eqs(t, n, b"content-length") or _eqs(t, n, b"transfer-encoding") or _eqs(t, n, b"host")
+                or _eqs(t, n, b"trailer"))
+
+    cdef bint _ext(self, uint8_t c) noexcept:
+        """One byte of chunk extensions: *( ";" name [ "=" ( token / quoted-string ) ] )
+        with no whitespace anywhere. Sets xstate = X_END at the CR ending them."""
+        cdef int x = self.xstate
+        if x == X_NAME0:
+            if CLS[c] & C_TCHAR:
+                self.xstate = X_NAME
+                return True
+            return False
+        if x == X_NAME:
+            if CLS[c] & C_TCHAR:
+                return True
+            if c == 61:  # '='
+                self.xstate = X_VAL0
+                return True
+        elif x == X_VAL0:
+            if c == 34:
+                self.xstate = X_QUOTED
+                return True
+            if CLS[c] & C_TCHAR:
+                self.xstate = X_VTOKEN
+                return True
+            return False
+        elif x == X_VTOKEN:
+            if CLS[c] & C_TCHAR:
+                return True
+        elif x == X_QUOTED:
+            if c == 34:
+                self.xstate = X_AFTERQ
+                return True
+            if c == 92:
+                self.xstate = X_QESC
+                return True
+            return CLS[c] & C_QDTEXT != 0
+        elif x == X_QESC:
+            if c == 9 or c == 32 or (0x21 <= c <= 0x7E) or c >= 0x80:
+                self.xstate = X_QUOTED
+                return True
+            return False
+        # after a complete name, token value or quoted value: ';' or the CR
+        if c == 59:
+            self.xstate = X_NAME0
+            return True
+        if c == 13:
+            self.xstate = X_END
+            return True
+        return False
+
+
+
+cdef class RequestParser(_Body):
+    """Strict HTTP/1.1 request parser; see the module docstring."""
+
+    cdef public bint trusted          # the peer is a trusted proxy (client-address fields kept)
+    cdef public bint underscores      # forward field names with '_' (never ones that alias ours)
+    cdef Py_ssize_t max_url
+    cdef Py_ssize_t max_head          # bytes of field lines (the request line is bounded by max_url)
+    cdef int max_fields
+    cdef bytes key_header             # lower-case; its '_' alias is always dropped
+    cdef int seq                      # Head.seq of the last head produced
+    # an unfinished head: its bytes and where scanning resumes (offsets into it)
+    cdef bytearray buf
+    cdef Py_ssize_t scan_pos
+    cdef int nlines                   # non-empty lines seen (1 = the request line)
+    cdef int leading                  # empty lines before the request line
+    cdef Py_ssize_t line0_start       # where the request line starts
+    cdef Py_ssize_t line0_end         # just past its LF
     # request-target errors
     cdef object terr_code
     cdef object terr
@@ -273,6 +470,8 @@ cdef class RequestParser:
         self.max_trailers = max_trailers
         self.max_trailer_bytes = max_trailer_bytes
         self.key_header = key_header.lower()
+        self.bad = E_BAD
+        self.too_big = E_HEADERS
         self.trusted = trusted
         self.underscores = underscores
         self.state = S_HEAD
@@ -387,10 +586,6 @@ cdef class RequestParser:
         ev.append(EV_ERROR)
         ev.append((self.error[0], self.error[1], seq))
         return ev
-
-    cdef int _err(self, code, message) except -1:
-        self.error = (code, message)
-        return 0
 
     # -- finding the end of a head -------------------------------------------------
     cdef Py_ssize_t _find_end(self, const uint8_t *b, Py_ssize_t n) except -3:
@@ -646,11 +841,7 @@ cdef class RequestParser:
         if h.upgrade is not None:
             self.state = S_UPGRADED
         elif h.chunked:
-            self.state = S_CSIZE
-            self.ndigits = 0
-            self.remaining = 0
-            self.ntrailers = 0
-            self.trailer_bytes = 0
+            self._start_chunked()
         elif cl > 0:
             self.state = S_LENGTH
             self.remaining = cl
@@ -715,185 +906,426 @@ cdef class RequestParser:
             return -1  # identity fields are the gateway's to set
         return F_PLAIN
 
-    # -- chunked bodies ---------------------------------------------------------------
-    cdef Py_ssize_t _chunked(self, list ev, const uint8_t *p, Py_ssize_t i, Py_ssize_t n) except -3:
-        """Decode p[i:n]; returns the offset reached, or -1 on a framing error."""
-        cdef uint8_t c
-        cdef int st = self.state
-        cdef Py_ssize_t take
+
+# ------------------------------------------------------------------ responses
+
+cdef object E_UP = "upstream_unavailable"
+
+DEF MAX_RESP_FIELDS = 256
+
+
+cdef class ResponseHead:
+    """A parsed upstream response head, ready to forward."""
+    cdef readonly int status
+    cdef readonly int version          # 10 or 11
+    cdef readonly bytes fields         # the field lines to forward ("Name: value\r\n" each, as received)
+    cdef readonly int64_t length       # Content-Length, or -1
+    cdef readonly bytes length_raw     # its digits, or None
+    cdef readonly bint chunked
+    cdef readonly bint until_close     # the body ends when the upstream closes the connection
+    cdef readonly bint no_body         # HEAD, 1xx, 204, 304
+    cdef readonly bint keep_alive      # the connection may carry another request after this
+
+
+cdef struct _Field:
+    Py_ssize_t start, end           # the whole line, CRLF included
+    Py_ssize_t name_end
+    int kind
+
+
+cdef enum:
+    R_KEEP = 0
+    R_DROP = 1       # hop-by-hop, or framing we redo
+    R_CL = 2
+    R_TE = 3
+    R_CONNECTION = 4
+
+_RESP_FIELDS = {
+    b"content-length": R_CL,
+    b"transfer-encoding": R_TE,
+    b"connection": R_CONNECTION,
+    b"keep-alive": R_DROP,
+    b"proxy-connection": R_DROP,
+    b"te": R_DROP,
+    b"trailer": R_DROP,
+    b"upgrade": R_DROP,
+}
+
+
+cdef class ResponseParser(_Body):
+    """Strict parser for the responses of one upstream connection.
+
+    ``start(head_request, upgrade)`` is called when a request has been sent; then
+    ``feed(data)`` returns events as RequestParser does: EV_HEAD (a
+    ResponseHead; interim 1xx responses are skipped), EV_BODY (decoded),
+    EV_END, EV_UPGRADE (the bytes after a 101 that was asked for), or EV_ERROR
+    ``(code, message, 0)``. ``eof()`` is called when the upstream closes.
+
+    The status line and the framing fields are parsed; every other field is
+    passed through as it came, in one copied block, without the hop-by-hop
+    fields, the ones named in Connection, and Content-Length/Transfer-Encoding
+    (the client side states its own framing). Ambiguous framing (both CL and
+    TE, several CL, a transfer coding but a single chunked) is an error: the
+    connection's state would be a guess."""
+
+    cdef Py_ssize_t max_head
+    cdef bint head_request
+    cdef bint upgrade_ok
+    cdef bytearray buf
+    cdef Py_ssize_t scan_pos
+    cdef _Field fields[MAX_RESP_FIELDS]
+
+    def __init__(self, *, Py_ssize_t max_head=65536, Py_ssize_t max_ext=4096, int max_trailers=64,
+                 Py_ssize_t max_trailer_bytes=16384):
+        self.max_head = max_head
+        self.max_ext = max_ext
+        self.max_trailers = max_trailers
+        self.max_trailer_bytes = max_trailer_bytes
+        self.bad = E_UP
+        self.too_big = E_UP
+        self.state = S_IDLE
+        self.after = S_IDLE
+        self.error = None
+        self.buf = bytearray()
+        self.scan_pos = 0
+
+    def start(self, bint head_request=False, bint upgrade=False):
+        """A request went out: its response comes next."""
+        if self.state == S_DEAD:
+            return
+        self.state = S_HEAD
+        self.head_request = head_request
+        self.upgrade_ok = upgrade
+        self.buf = bytearray()
+        self.scan_pos = 0
+
+    @property
+    def idle(self):
+        """No response is outstanding (the last one is complete)."""
+        return self.state == S_IDLE
+
+    @property
+    def until_close(self):
+        return self.state == S_UNTIL_CLOSE
+
+    @property
+    def dead(self):
+        return self.state == S_DEAD
+
+    def eof(self):
+        """The upstream closed: the end of a close-delimited body, or an error."""
+        cdef list ev = []
+        if self.state == S_UNTIL_CLOSE:
+            self.state = S_CLOSED
+            ev.append(EV_END)
+            ev.append(None)
+        elif self.state != S_IDLE and self.state != S_CLOSED and self.state != S_DEAD:
+            self._err(E_UP, "upstream closed the connection mid-response")
+            self.state = S_DEAD
+            ev.append(EV_ERROR)
+            ev.append((self.error[0], self.error[1], 0))
+        return ev
+
+    def feed(self, bytes data not None):
+        cdef list ev = []
+        cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t i = 0, r, old, take
+        cdef int st
+        cdef bytes head
         while i < n:
-            if st == S_CDATA:
+            st = self.state
+            if st == S_HEAD:
+                if len(self.buf) == 0:
+                    r = self._find_end(p + i, n - i)
+                    if r == -2:
+                        return self._rfail(ev)
+                    if r == -1:
+                        self.buf += data[i:] if i else data
+                        return ev
+                    if not self._head(ev, p + i, r, data, i):
+                        return self._rfail(ev)
+                    i += r
+                    if self.state == S_UPGRADED:
+                        ev.append(EV_UPGRADE)
+                        ev.append(data[i:])
+                        return ev
+                else:
+                    old = len(self.buf)
+                    take = n - i
+                    if old + take > self.max_head + 1:
+                        take = self.max_head + 1 - old
+                        if take < 0:
+                            take = 0
+                    self.buf += data[i:i + take]
+                    r = self._find_end(<const uint8_t *>(<char *>self.buf), len(self.buf))
+                    if r == -2:
+                        return self._rfail(ev)
+                    if r == -1:
+                        return ev
+                    head = bytes(self.buf[:r])
+                    self.buf = bytearray()
+                    if not self._head(ev, <const uint8_t *>PyBytes_AS_STRING(head), r, head, 0):
+                        return self._rfail(ev)
+                    i += r - old
+                    if self.state == S_UPGRADED:
+                        ev.append(EV_UPGRADE)
+                        ev.append(data[i:])
+                        return ev
+            elif st == S_LENGTH:
                 take = n - i
                 if take > self.remaining:
                     take = <Py_ssize_t>self.remaining
                 ev.append(EV_BODY)
-                ev.append(PyBytes_FromStringAndSize(<const char *>p + i, take))
+                ev.append(data if (i == 0 and take == n) else PyBytes_FromStringAndSize(<const char *>p + i, take))
                 i += take
                 self.remaining -= take
                 if self.remaining == 0:
-                    st = S_CDATA_CR
-                continue
-            c = p[i]
-            if st == S_CSIZE:
-                if CLS[c] & C_HEX:
-                    self.ndigits += 1
-                    if self.ndigits > MAX_CHUNK_DIGITS or self.remaining > (CHUNK_SIZE_MAX >> 4):
-                        return self._cfail(st, E_BAD, "chunk size is too large")
-                    self.remaining = self.remaining * 16 + _hexval(c)
-                elif self.ndigits and c == 59:  # ';'
-                    st = S_CEXT
-                    self.xstate = X_NAME0
-                    self.ext_len = 0
-                elif self.ndigits and c == 13:
-                    st = S_CSIZE_LF
-                else:
-                    return self._cfail(st, E_BAD, "invalid chunk size")
-            elif st == S_CEXT:
-                self.ext_len += 1
-                if self.ext_len > self.max_ext:
-                    return self._cfail(st, E_BAD, "chunk extensions exceed the size limit")
-                if not self._ext(c):
-                    return self._cfail(st, E_BAD, "invalid chunk extension")
-                if self.xstate == X_END:
-                    st = S_CSIZE_LF
-            elif st == S_CSIZE_LF:
-                if c != 10:
-                    return self._cfail(st, E_BAD, "bare CR in a chunk size line")
-                st = S_TRAILER if self.remaining == 0 else S_CDATA
-            elif st == S_CDATA_CR:
-                if c != 13:
-                    return self._cfail(st, E_BAD, "chunk data is longer than its size or lacks its CRLF")
-                st = S_CDATA_LF
-            elif st == S_CDATA_LF:
-                if c != 10:
-                    return self._cfail(st, E_BAD, "bare CR after chunk data")
-                st = S_CSIZE
-                self.ndigits = 0
-                self.remaining = 0
-            elif st == S_TRAILER:
-                if c == 13:
-                    st = S_TEND_LF
-                elif CLS[c] & C_TCHAR:
-                    self.ntrailers += 1
-                    if self.ntrailers > self.max_trailers:
-                        return self._cfail(st, E_HEADERS, "too many trailer fields")
-                    st = S_TNAME
-                    self.tname_len = 0
-                    self._tname_add(c)
-                    self.trailer_bytes += 1
-                elif c == 32 or c == 9:
-                    return self._cfail(st, E_BAD, "obsolete line folding in a trailer field")
-                else:
-                    return self._cfail(st, E_BAD, "malformed trailer field")
-            elif st == S_TNAME:
-                self.trailer_bytes += 1
-                if CLS[c] & C_TCHAR:
-                    self._tname_add(c)
-                elif c == 58:
-                    if self._tname_forbidden():
-                        return self._cfail(st, E_BAD, "framing or routing field in the trailer section")
-                    st = S_TVALUE
-                elif c == 32 or c == 9:
-                    return self._cfail(st, E_BAD, "whitespace between a trailer name and its colon")
-                else:
-                    return self._cfail(st, E_BAD, "malformed trailer field name")
-            elif st == S_TVALUE:
-                self.trailer_bytes += 1
-                if c == 13:
-                    st = S_TVALUE_LF
-                elif not CLS[c] & C_VALUE:
-                    return self._cfail(st, E_BAD, "control character in a trailer field value")
-            elif st == S_TVALUE_LF:
-                if c != 10:
-                    return self._cfail(st, E_BAD, "bare CR in the trailer section")
-                st = S_TRAILER
-            elif st == S_TEND_LF:
-                if c != 10:
-                    return self._cfail(st, E_BAD, "bare CR at the end of the trailer section")
+                    ev.append(EV_END)
+                    ev.append(None)
+                    self.state = self.after
+            elif st == S_UNTIL_CLOSE:
+                ev.append(EV_BODY)
+                ev.append(data[i:] if i else data)
+                return ev
+            elif st == S_UPGRADED:
+                ev.append(EV_UPGRADE)
+                ev.append(data[i:] if i else data)
+                return ev
+            elif st == S_CLOSED or st == S_DEAD:
+                return ev  # after a response that ends the connection: ignored
+            elif st == S_IDLE:
+                self._err(E_UP, "upstream sent bytes with no request outstanding")
+                return self._rfail(ev)
+            else:
+                r = self._chunked(ev, p, i, n)
+                if r < 0:
+                    return self._rfail(ev)
+                i = r
+        return ev
+
+    cdef list _rfail(self, list ev):
+        self.state = S_DEAD
+        self.buf = bytearray()
+        ev.append(EV_ERROR)
+        ev.append((self.error[0], self.error[1], 0))
+        return ev
+
+    cdef Py_ssize_t _find_end(self, const uint8_t *b, Py_ssize_t n) except -3:
+        """Offset past the empty line ending the head; -1: not yet; -2: error."""
+        cdef Py_ssize_t pos = self.scan_pos, eol
+        cdef const uint8_t *q
+        while True:
+            q = <const uint8_t *>memchr(b + pos, 10, n - pos)
+            if q == NULL:
+                if n > self.max_head:
+                    self._err(E_UP, "upstream response head exceeds the size limit")
+                    return -2
+                return -1
+            eol = q - b
+            if eol == pos or b[eol - 1] != 13:
+                self._err(E_UP, "bare LF in the upstream response head")
+                return -2
+            if eol == pos + 1:
+                self.scan_pos = 0
+                if pos == 0:
+                    self._err(E_UP, "empty line where the upstream's status line should be")
+                    return -2
+                return eol + 1
+            pos = eol + 1
+            self.scan_pos = pos
+
+    cdef bint _head(self, list ev, const uint8_t *b, Py_ssize_t n, bytes src, Py_ssize_t base) except -1:
+        """Parse b[:n]; False on error (self.error set)."""
+        cdef ResponseHead h
+        cdef Py_ssize_t pos, eol, k, v0, v1, t0, t1, j, total, nf = 0, f
+        cdef const uint8_t *line
+        cdef const uint8_t *q
+        cdef int status, kind
+        cdef bint has_cl = False, has_te = False, conn_close = False, conn_keep = False, keep_all
+        cdef int64_t cl = -1
+        cdef bytes cl_raw = None
+        cdef list drop = None
+        cdef object lname
+        cdef PyObject *o
+        cdef char *out
+        cdef bytes fields
+        # status line: HTTP/1.x SP 3DIGIT [SP reason] CRLF
+        q = <const uint8_t *>memchr(b, 10, n)
+        eol = q - b - 1
+        if eol < 12 or b[0] != 72 or b[1] != 84 or b[2] != 84 or b[3] != 80 or b[4] != 47 or b[5] != 49 \
+                or b[6] != 46 or not (b[7] == 48 or b[7] == 49) or b[8] != 32:
+            self._err(E_UP, "malformed upstream status line")
+            return False
+        for k in range(9, 12):
+            if not 48 <= b[k] <= 57:
+                self._err(E_UP, "malformed upstream status code")
+                return False
+        status = (b[9] - 48) * 100 + (b[10] - 48) * 10 + (b[11] - 48)
+        if status < 100:
+            self._err(E_UP, "malformed upstream status code")
+            return False
+        if eol > 12:
+            if b[12] != 32:
+                self._err(E_UP, "malformed upstream status line")
+                return False
+            for k in range(13, eol):
+                if not CLS[b[k]] & C_VALUE:
+                    self._err(E_UP, "control character in the upstream reason phrase")
+                    return False
+        pos = eol + 2
+        # fields: note each line's span and kind; the kept ones are copied after
+        while True:
+            q = <const uint8_t *>memchr(b + pos, 10, n - pos)
+            eol = q - b - 1  # at the CR (checked by _find_end)
+            if eol == pos:
+                break
+            if nf >= MAX_RESP_FIELDS:
+                self._err(E_UP, "too many upstream response header fields")
+                return False
+            line = b + pos
+            if line[0] == 32 or line[0] == 9:
+                self._err(E_UP, "obsolete line folding in an upstream header field")
+                return False
+            k = 0
+            while pos + k < eol and CLS[line[k]] & C_TCHAR:
+                k += 1
+            if k == 0 or pos + k >= eol or line[k] != 58:
+                self._err(E_UP, "malformed upstream header field")
+                return False
+            self.fields[nf].start = pos
+            self.fields[nf].end = eol + 2
+            self.fields[nf].name_end = pos + k
+            v0 = k + 1
+            while pos + v0 < eol and (line[v0] == 32 or line[v0] == 9):
+                v0 += 1
+            v1 = eol - pos
+            while v1 > v0 and (line[v1 - 1] == 32 or line[v1 - 1] == 9):
+                v1 -= 1
+            for j in range(v0, v1):
+                if not CLS[line[j]] & C_VALUE:
+                    self._err(E_UP, "control character in an upstream header field value")
+                    return False
+            kind = R_KEEP
+            if k <= 17:
+                lname = _lower(line, k, None) or PyBytes_FromStringAndSize(<const char *>line, k)
+                o = PyDict_GetItem(_RESP_FIELDS, lname)
+                if o != NULL:
+                    kind = <int><object>o
+            if kind == R_CL:
+                if has_cl:
+                    self._err(E_UP, "more than one Content-Length in an upstream response")
+                    return False
+                has_cl = True
+                cl = _digits(line + v0, v1 - v0)
+                if cl < 0:
+                    self._err(E_UP, "upstream Content-Length is not a decimal number")
+                    return False
+                cl_raw = PyBytes_FromStringAndSize(<const char *>line + v0, v1 - v0)
+            elif kind == R_TE:
+                if has_te or not _ieq(line + v0, v1 - v0, b"chunked"):
+                    self._err(E_UP, "upstream transfer coding other than a single 'chunked'")
+                    return False
+                has_te = True
+            elif kind == R_CONNECTION:
+                j = v0
+                while j <= v1:
+                    t1 = j
+                    while t1 < v1 and line[t1] != 44:
+                        t1 += 1
+                    t0 = j
+                    j = t1 + 1
+                    while t0 < t1 and (line[t0] == 32 or line[t0] == 9):
+                        t0 += 1
+                    while t1 > t0 and (line[t1 - 1] == 32 or line[t1 - 1] == 9):
+                        t1 -= 1
+                    if t1 > t0:
+                        if _ieq(line + t0, t1 - t0, b"close"):
+                            conn_close = True
+                        elif _ieq(line + t0, t1 - t0, b"keep-alive"):
+                            conn_keep = True
+                        else:
+                            if drop is None:
+                                drop = []
+                            drop.append(PyBytes_FromStringAndSize(<const char *>line + t0, t1 - t0).lower())
+            self.fields[nf].kind = kind
+            nf += 1
+            pos = eol + 2
+        if has_cl and has_te:
+            self._err(E_UP, "upstream response with both Content-Length and Transfer-Encoding")
+            return False
+        if drop is not None:  # fields named in Connection are hop-by-hop too
+            for f in range(nf):
+                if self.fields[f].kind == R_KEEP:
+                    line = b + self.fields[f].start
+                    lname = _lower(line, self.fields[f].name_end - self.fields[f].start, None) or \
+                        PyBytes_FromStringAndSize(<const char *>line, self.fields[f].name_end - self.fields[f].start)
+                    if lname in drop:
+                        self.fields[f].kind = R_DROP
+        keep_all = status == 101  # Connection/Upgrade are the 101 itself: passed on whole
+        total = 0
+        for f in range(nf):
+            if keep_all or self.fields[f].kind == R_KEEP:
+                total += self.fields[f].end - self.fields[f].start
+        fields = PyBytes_FromStringAndSize(NULL, total)
+        out = PyBytes_AS_STRING(fields)
+        for f in range(nf):
+            if keep_all or self.fields[f].kind == R_KEEP:
+                memcpy(out, b + self.fields[f].start, self.fields[f].end - self.fields[f].start)
+                out += self.fields[f].end - self.fields[f].start
+        h = ResponseHead.__new__(ResponseHead)
+        h.status = status
+        h.version = 11 if b[7] == 49 else 10
+        h.fields = fields
+        h.length = cl
+        h.length_raw = cl_raw
+        h.keep_alive = (not conn_close) if h.version == 11 else (conn_keep and not conn_close)
+        if status < 200:
+            if status == 101:
+                if not self.upgrade_ok:
+                    self._err(E_UP, "upstream switched protocols unasked")
+                    return False
+                h.no_body = True
+                ev.append(EV_HEAD)
+                ev.append(h)
+                # feed() hands over what follows the head (b"" if nothing yet):
+                # the caller becomes a byte pipe at this event
+                self.state = S_UPGRADED
+                return True
+            self.state = S_HEAD  # an interim response: the final one follows
+            return True
+        if self.upgrade_ok:
+            h.keep_alive = False  # an upgrade that was not accepted: never reused
+        self.after = S_IDLE if h.keep_alive else S_CLOSED
+        ev.append(EV_HEAD)
+        ev.append(h)
+        if self.head_request or status == 204 or status == 304:
+            h.no_body = True
+            ev.append(EV_END)
+            ev.append(None)
+            self.state = self.after
+        elif has_te:
+            h.chunked = True
+            self._start_chunked()
+        elif has_cl:
+            if cl == 0:
                 ev.append(EV_END)
                 ev.append(None)
                 self.state = self.after
-                return i + 1
-            if self.trailer_bytes > self.max_trailer_bytes:
-                return self._cfail(st, E_HEADERS, "trailer section exceeds the size limit")
-            i += 1
-        self.state = st
-        return i
-
-    cdef Py_ssize_t _cfail(self, int st, code, message) except -3:
-        self.state = st
-        self._err(code, message)
-        return -1
-
-    cdef inline void _tname_add(self, uint8_t c) noexcept:
-        if self.tname_len < 24:
-            self.tname[self.tname_len] = LOWER[c]
-        self.tname_len += 1
-
-    cdef bint _tname_forbidden(self) noexcept:
-        """Trailers may not carry framing or routing (RFC 9110 §6.5.1); their
-        '_' aliases neither."""
-        cdef Py_ssize_t n = self.tname_len, i
-        cdef uint8_t t[24]
-        if n > 24:
-            return False
-        for i in range(n):
-            t[i] = 45 if self.tname[i] == 95 else self.tname[i]
-        return (_eqs(t, n, b"content-length") or _eqs(t, n, b"transfer-encoding") or _eqs(t, n, b"host")
-                or _eqs(t, n, b"trailer"))
-
-    cdef bint _ext(self, uint8_t c) noexcept:
-        """One byte of chunk extensions: *( ";" name [ "=" ( token / quoted-string ) ] )
-        with no whitespace anywhere. Sets xstate = X_END at the CR ending them."""
-        cdef int x = self.xstate
-        if x == X_NAME0:
-            if CLS[c] & C_TCHAR:
-                self.xstate = X_NAME
-                return True
-            return False
-        if x == X_NAME:
-            if CLS[c] & C_TCHAR:
-                return True
-            if c == 61:  # '='
-                self.xstate = X_VAL0
-                return True
-        elif x == X_VAL0:
-            if c == 34:
-                self.xstate = X_QUOTED
-                return True
-            if CLS[c] & C_TCHAR:
-                self.xstate = X_VTOKEN
-                return True
-            return False
-        elif x == X_VTOKEN:
-            if CLS[c] & C_TCHAR:
-                return True
-        elif x == X_QUOTED:
-            if c == 34:
-                self.xstate = X_AFTERQ
-                return True
-            if c == 92:
-                self.xstate = X_QESC
-                return True
-            return CLS[c] & C_QDTEXT != 0
-        elif x == X_QESC:
-            if c == 9 or c == 32 or (0x21 <= c <= 0x7E) or c >= 0x80:
-                self.xstate = X_QUOTED
-                return True
-            return False
-        # after a complete name, token value or quoted value: ';' or the CR
-        if c == 59:
-            self.xstate = X_NAME0
-            return True
-        if c == 13:
-            self.xstate = X_END
-            return True
-        return False
+            else:
+                self.state = S_LENGTH
+                self.remaining = cl
+        else:
+            h.until_close = True
+            h.keep_alive = False
+            self.state = S_UNTIL_CLOSE
+        return True
 
 
 # ------------------------------------------------------------------ helpers
 
 cdef inline object _lower(const uint8_t *p, Py_ssize_t n, object same):
+    """p[:n] lower-cased as bytes; `same` when it has no upper-case letter (None: make it)."""
     cdef Py_ssize_t i
     cdef bytes out
     cdef char *o

@@ -656,19 +656,24 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             up.transport.pause_reading()
 
-    def response_head(self, ex: Exchange, status: int, headers, length, chunked, up) -> None:
+    def response_head(self, ex: Exchange, rh, up: UpstreamConn) -> None:
+        """The upstream's response head (a fastgate._http.ResponseHead): its
+        fields pass through as one block; we add the framing, Connection, the
+        rate-limit headers and x-request-id."""
         if ex is not self.active or self.closed:
             return
+        status = rh.status
         ex.status = status
         ex.resp_started = True
         ex.t_head = now_ns()
-        head_only = ex.method == b"HEAD" or status == 204 or status == 304 or status == 101
-        close = not ex.keep_alive or self.w.draining or (ex.upgrade is not None and status != 101)
+        head_only = rh.no_body
         if status == 101:
             close = False
+        else:
+            close = not ex.keep_alive or self.w.draining or ex.upgrade is not None
         if head_only:
             frame = FRAME_NONE
-        elif length is not None and not chunked:
+        elif rh.length >= 0:
             frame = FRAME_LENGTH
         elif ex.version == "1.1":
             frame = FRAME_CHUNKED
@@ -676,11 +681,9 @@ class ClientConnection(asyncio.Protocol):
             frame = FRAME_CLOSE
             close = True
         ex.resp_frame = frame
-        parts = [status_line(status)]
-        for _, name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if length is not None and (frame == FRAME_LENGTH or head_only):
-            parts += (b"content-length: ", length, b"\r\n")
+        parts = [status_line(status), rh.fields]
+        if rh.length_raw is not None and (frame == FRAME_LENGTH or head_only):
+            parts += (b"content-length: ", rh.length_raw, b"\r\n")
         elif frame == FRAME_CHUNKED:
             parts.append(b"transfer-encoding: chunked\r\n")
         if close:
@@ -693,12 +696,6 @@ class ClientConnection(asyncio.Protocol):
         self.write(b"".join(parts))
         if close:
             ex.keep_alive = False
-        if ex.method == b"HEAD" and status != 101:
-            # llhttp cannot be told that a HEAD response has no body: finish
-            # here, and do not pool the connection: some upstreams send a body
-            # to HEAD anyway, which would be read as the next response.
-            up.resp_done = True
-            self.response_complete(ex, up, False)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if ex is not self.active or self.closed:

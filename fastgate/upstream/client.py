@@ -1,26 +1,23 @@
 """HOT PATH. One keep-alive HTTP/1.1 connection to an upstream target.
 
 Drives one exchange at a time: writes the request head and body that the client
-side hands it, parses the response with httptools and hands head and body back
-to the client side. Never pipelines to the upstream.
+side hands it, parses the response with fastgate._http.ResponseParser (the
+status line and the framing fields; the other fields pass through as one
+block) and hands head and body back to the client side. Never pipelines to
+the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from .._http import EV_BODY, EV_END, EV_ERROR, EV_HEAD, EV_UPGRADE, ResponseParser
 
-from ..server.http1 import HOP_BY_HOP
-
-# Response framing decided at the response head.
+# Response framing towards the client, decided at the response head.
 FRAME_NONE = 0  # no body (HEAD, 1xx, 204, 304)
 FRAME_LENGTH = 1  # Content-Length: forwarded as is
-FRAME_CHUNKED = 2  # we re-chunk what httptools decoded
+FRAME_CHUNKED = 2  # we re-chunk what the parser decoded
 FRAME_CLOSE = 3  # HTTP/1.0 client, body ends when we close
-
-# Response headers we rewrite ourselves, on top of the hop-by-hop set.
-_MANAGED = HOP_BY_HOP | {b"content-length"}
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -33,31 +30,25 @@ class UpstreamConn(asyncio.Protocol):
         "reused",
         "idle_until",
         "deadline",
-        "headers",
         "got_bytes",
-        "interim",
         "tunnel",
-        "resp_length",
-        "resp_chunked",
         "resp_done",
+        "reusable",
     )
 
     def __init__(self, target):
         self.target = target
         self.transport = None
-        self.parser = HttpResponseParser(self)
+        self.parser = ResponseParser()
         self.ex = None
         self.closed = False
         self.reused = False
         self.idle_until = 0.0
         self.deadline = 0.0
-        self.headers = []
         self.got_bytes = False
-        self.interim = False
         self.tunnel = None
-        self.resp_length = None
-        self.resp_chunked = False
         self.resp_done = False
+        self.reusable = False
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -77,18 +68,42 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = client.w.now + self.target.read_timeout
         client.out = []
         try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            if self.ex is not None and self.ex.conn.upstream_upgraded(self, data[exc.args[0]:]):
-                return
-            self.transport.close()
-        except HttpParserError as exc:
-            ex = self.ex
-            self.transport.abort()
-            if ex is not None:
-                ex.conn.upstream_failed(ex, "upstream_unavailable", f"invalid response from upstream: {exc}")
+            self.on_events(self.parser.feed(data))
         finally:
             client.flush()
+
+    def on_events(self, events: list) -> None:
+        n = len(events)
+        i = 0
+        while i < n:
+            kind = events[i]
+            value = events[i + 1]
+            i += 2
+            ex = self.ex
+            if kind == EV_BODY:
+                if ex is not None:
+                    ex.conn.response_body(ex, value)
+            elif kind == EV_HEAD:
+                if ex is None:
+                    return
+                # A connection that answered HEAD is never pooled: some upstreams
+                # send a body anyway, which would be read as the next response.
+                self.reusable = value.keep_alive and ex.method != b"HEAD"
+                ex.conn.response_head(ex, value, self)
+            elif kind == EV_END:
+                if ex is None or self.resp_done:
+                    continue
+                self.resp_done = True
+                ex.conn.response_complete(ex, self, self.reusable)
+            elif kind == EV_UPGRADE:
+                if ex is None or not ex.conn.upstream_upgraded(self, value):
+                    self.transport.close()
+                return
+            else:
+                self.transport.abort()
+                if ex is not None:
+                    ex.conn.upstream_failed(ex, "upstream_unavailable", f"invalid response from upstream: {value[1]}")
+                return
 
     def eof_received(self):
         return False
@@ -102,14 +117,18 @@ class UpstreamConn(asyncio.Protocol):
         if ex is None:
             self.target.discard(self)
             return
+        client = ex.conn
+        if self.parser.until_close:
+            # a close-delimited body: EOF is its end
+            client.out = []
+            try:
+                self.on_events(self.parser.eof())
+            finally:
+                client.flush()
+            return
         self.ex = None
-        if ex.resp_started and self.resp_length is None and not self.resp_chunked and not self.resp_done:
-            # Close-delimited body (no length, not chunked): EOF is its end.
-            if ex.resp_frame != FRAME_NONE:
-                ex.conn.response_complete(ex, self, reusable=False)
-                return
         if not self.resp_done:
-            ex.conn.upstream_lost(ex, self)
+            client.upstream_lost(ex, self)
 
     def pause_writing(self):
         ex = self.ex
@@ -121,76 +140,13 @@ class UpstreamConn(asyncio.Protocol):
         if ex is not None and not ex.conn.closed:
             ex.conn.resume_reading(1)
 
-    # -- httptools callbacks ---------------------------------------------
-    def on_header(self, name, value):
-        self.headers.append((name, value))
-
-    def on_headers_complete(self):
-        headers = self.headers
-        self.headers = []  # for the next message (an interim response may precede)
-        ex = self.ex
-        if ex is None:
-            return
-        status = self.parser.get_status_code()
-        if status < 200 and status != 101:
-            # Interim response (100 Continue, 103 Early Hints): we answer the
-            # client's Expect ourselves, so these are not forwarded.
-            self.interim = True
-            return
-        if status == 101:
-            # Switching protocols: Connection/Upgrade are the message itself.
-            if ex.upgrade is None:
-                self.transport.abort()
-                ex.conn.upstream_failed(ex, "upstream_unavailable", "upstream switched protocols unasked")
-                return
-            # llhttp reports the 101 as a complete message before it pauses for
-            # the upgrade: interim=True keeps on_message_complete from ending it.
-            self.interim = True
-            ex.conn.response_head(ex, 101, [(n.lower(), n, v) for n, v in headers], None, False, self)
-            return
-        length = None
-        chunked = False
-        drop = None
-        out = []
-        for name, value in headers:
-            ln = name.lower()
-            if ln in _MANAGED:
-                if ln == b"content-length":
-                    length = value
-                elif ln == b"transfer-encoding":
-                    chunked = True
-                elif ln == b"connection":
-                    drop = {t.strip().lower() for t in value.split(b",")}
-                continue
-            out.append((ln, name, value))
-        if drop:
-            out = [h for h in out if h[0] not in drop]
-        self.resp_length = length
-        self.resp_chunked = chunked
-        ex.conn.response_head(ex, status, out, length, chunked, self)
-
-    def on_body(self, body):
-        ex = self.ex
-        if ex is not None and not self.interim:
-            ex.conn.response_body(ex, body)
-
-    def on_message_complete(self):
-        if self.interim:
-            self.interim = False
-            return
-        ex = self.ex
-        if ex is None or self.resp_done:
-            return
-        self.resp_done = True
-        ex.conn.response_complete(ex, self, reusable=self.parser.should_keep_alive())
-
     # -- driven by the client side ---------------------------------------
     def start(self, ex, head: bytes, now: float) -> None:
         self.ex = ex
         self.resp_done = False
-        self.resp_length = None
-        self.resp_chunked = False
+        self.reusable = False
         self.got_bytes = False
         self.deadline = now + self.target.read_timeout
+        self.parser.start(ex.method == b"HEAD", ex.upgrade is not None)
         ex.up = self
         self.transport.write(head)
