@@ -1415,3 +1415,5 @@ cdef bint _authority(const uint8_t *p, Py_ssize_t n) noexcept:
         return False
     port = _digits(p + j, n - j)
     return 1 <= port <= 65535
+
+include "http/proxy.pxi"

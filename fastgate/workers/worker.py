@@ -28,9 +28,8 @@ from ..accesslog import AccessLog, AccessRecord
 from ..errors import ERROR_STATUS, STAGE_OF
 from ..ipfilter import IpRules
 from ..server.http1 import error_reply
-from ..server.protocol import K_HEAD, K_IDLE, ClientConnection, now_ns
+from .._http import K_HEAD, K_IDLE, ClientConnection, UpstreamConn, now_ns
 from ..server.routing import Router
-from ..upstream.client import UpstreamConn
 from ..upstream.pool import build_groups
 
 log = logging.getLogger("fastgate.worker")
