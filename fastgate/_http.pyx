@@ -1417,3 +1417,4 @@ cdef bint _authority(const uint8_t *p, Py_ssize_t n) noexcept:
     return 1 <= port <= 65535
 
 include "http/proxy.pxi"
+include "http/stages.pxi"

@@ -26,7 +26,7 @@
 # silently; a head that does not complete in header_timeout gets 408; a body
 # must arrive at min_body_rate on average over each body_timeout window.
 
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 
 import logging as _logging
 import socket as _socket
@@ -420,7 +420,7 @@ cdef class ClientConnection:
             # Past what we buffer: from here the body streams.
             ex.waiting = False
             ex.streaming = True
-            self.w.send(ex)
+            send(self.w, ex)
         elif not ex.waiting and ex.body_seen > WRITE_HIGH and ex.up is None:
             # Held for a queued exchange or a pending connect: bound it.
             self.pause_reading(4)
@@ -435,7 +435,7 @@ cdef class ClientConnection:
             return
         if ex.waiting:
             ex.waiting = False
-            self.w.send(ex)
+            send(self.w, ex)
             return
         cdef UpstreamConn up = ex.up
         if up is not None and ex.up_head is None and ex.up_chunked:

@@ -28,6 +28,7 @@ from ..accesslog import AccessLog, AccessRecord
 from ..errors import ERROR_STATUS, STAGE_OF
 from ..ipfilter import IpRules
 from ..server.http1 import error_reply
+from .. import _http
 from .._http import K_HEAD, K_IDLE, ClientConnection, UpstreamConn, now_ns
 from ..server.routing import Router
 from ..upstream.pool import build_groups
@@ -36,15 +37,6 @@ log = logging.getLogger("fastgate.worker")
 
 _LEN = struct.Struct("!I")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-def forwarded_element(peer: str, host: bytes, proto: bytes) -> bytes:
-    """An RFC 7239 Forwarded field for this hop."""
-    node = f'"[{peer}]"' if ":" in peer else peer
-    out = b"forwarded: for=%s;proto=%s" % (node.encode(), proto)
-    if host:
-        out += b';host="%s"' % host if b":" in host else b";host=%s" % host
-    return out + b"\r\n"
-
-
 def send_msg(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
     sock.sendall(_LEN.pack(len(payload) + 1) + kind + payload)
 
@@ -112,6 +104,7 @@ class Worker:
         self.router = Router(config, groups)
         self.ip = IpRules(config.ip)
         self.s = config.server
+        self.forwarded_header = config.server.forwarded_header
         self.key_header = config.keys.header.encode()
         old_log = self.config.log.access if getattr(self, "config", None) else None
         if config.log.access != old_log:
@@ -254,7 +247,7 @@ class Worker:
 
     # -- the decision pipeline (fastgate/pipeline.py) ---------------------------
     def handle(self, ex) -> None:
-        pipeline.handle(self, ex)
+        _http.handle(self, ex)
 
     def identity(self, idx: int):
         return pipeline.identity(self, idx)
@@ -270,84 +263,6 @@ class Worker:
         if self.authfail_policy is None:
             return False
         return self.rates.hit(self.authfail_policy, self.addr_subject(packed), now_ms) == core.RATE_LIMITED
-
-    def build_head(self, ex, target) -> bytes:
-        route = ex.route
-        path = ex.up_path or ex.path
-        conn = ex.conn
-        peer = conn.peer.encode()
-        trusted = conn.trusted
-        xff = ex.xff + b", " + peer if trusted and ex.xff else peer
-        host = ex.host or b""
-        h = ex.head
-        proto = h.xfp if trusted and h.xfp else b"http"
-        parts = [
-            ex.method,
-            b" ",
-            path,
-            ex.query,
-            b" HTTP/1.1\r\nhost: ",
-            host if route.preserve_host and host else target.host_header,
-            b"\r\n",
-        ]
-        for _, name, value in ex.headers:
-            parts += (name, b": ", value, b"\r\n")
-        if ex.identity:
-            parts.append(ex.identity)
-        parts += (
-            b"x-forwarded-for: ",
-            xff,
-            b"\r\nx-forwarded-proto: ",
-            proto,
-            b"\r\nx-forwarded-host: ",
-            h.xfh if trusted and h.xfh else host,
-            b"\r\nx-request-id: ",
-            ex.request_id.encode(),
-            b"\r\n",
-        )
-        if self.s.forwarded_header:
-            parts.append(forwarded_element(conn.peer, host, proto))
-        if ex.chunked:
-            if ex.body_done:
-                # read and validated whole: the upstream gets it with a length,
-                # as nginx sends a buffered body
-                ex.up_chunked = False
-                parts.append(b"content-length: %d\r\n" % ex.body_seen)
-            else:
-                ex.up_chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-        elif ex.length is not None:
-            parts.append(b"content-length: %d\r\n" % ex.length)
-        if ex.upgrade is not None:
-            parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade, b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
-    def proxy(self, ex, target) -> None:
-        """The end of admission. A body up to request_buffer is read whole before
-        the upstream is chosen; a larger one streams from here."""
-        ex.target = target
-        if not ex.body_done:
-            rb = ex.route.request_buffer
-            if (ex.length is not None and ex.length > rb) or ex.body_seen > rb:
-                ex.streaming = True
-            else:
-                ex.waiting = True
-                ex.conn.continue_body(ex)
-                return
-        self.send(ex)
-
-    def send(self, ex) -> None:
-        target = ex.target
-        up = target.get() if ex.upgrade is None else None
-        c = self.m_upstream.get(target.name)
-        if c is None:
-            c = self.m_upstream[target.name] = [0, 0, 0]
-        if up is not None:
-            c[1] += 1
-            ex.conn.send_upstream(ex, up, self.build_head(ex, target))
-            return
-        self.connect(ex, target)
 
     # -- connection cap -----------------------------------------------------------
     def shed_idle(self) -> bool:
@@ -407,7 +322,7 @@ class Worker:
             ex.up_head = None
             up.transport.close()
             return
-        conn.send_upstream(ex, up, self.build_head(ex, target))
+        conn.send_upstream(ex, up, _http.build_head(self, ex, target))
 
     # -- timers -----------------------------------------------------------------
     def _tick(self) -> None:

@@ -1,0 +1,479 @@
+# HOT PATH, included by fastgate/_http.pyx: the built-in stages of the decision
+# pipeline and the upstream request head. fastgate/pipeline.py names the
+# stages, documents the contract and compiles them per route; a stage written
+# in Python subclasses Stage and overrides run() (cpdef: a Cython stage is a C
+# call, a Python one a normal method call).
+
+import time as _time
+from urllib.parse import unquote_to_bytes as _unquote_to_bytes
+
+from fastgate import core as _core
+from fastgate.server.http1 import double_encoded as _double_encoded
+
+cdef bytes _WWW_AUTH = b'www-authenticate: Bearer realm="fastgate"\r\n'
+cdef object _CONFLICT = object()
+_KEY_MESSAGES = {
+    _core.NO_SUCH_KEY: "API key not recognised",
+    _core.KEY_MALFORMED: "API key is malformed or fails its checksum",
+    _core.KEY_REVOKED: "API key has been revoked",
+    _core.KEY_DISABLED: "API key is disabled",
+    _core.KEY_EXPIRED: "API key has expired",
+    _core.KEY_NOT_YET_VALID: "API key is not valid yet",
+    _core.SCOPE_DENIED: "API key may not call this method on this path",
+    _core.KEY_IP_DENIED: "API key may not be used from this address",
+    _core.KEY_BUSY: "key table is being written; retry",
+}
+cdef int64_t _SCOPE_DENIED = _core.SCOPE_DENIED
+cdef int64_t _KEY_IP_DENIED = _core.KEY_IP_DENIED
+cdef int64_t _UNLIMITED = _core.UNLIMITED
+cdef int64_t _RATE_TABLE_FULL = _core.RATE_TABLE_FULL
+cdef dict _ERROR_CODE = _core.ERROR_CODE
+cdef object _method_bit = _core.method_bit
+
+
+cdef inline int64_t _now_ms() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)  # expiry and rate windows are wall-clock
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cpdef bytes rate_headers(rt, bytes policy):
+    cdef int64_t reset = -(-rt.reset_ms // 1000)
+    cdef int64_t limit = rt.limit, remaining = rt.remaining
+    return b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n%s" \
+           b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: %d\r\nx-ratelimit-reset: %d\r\n" % (
+               limit, remaining, reset, policy, limit, remaining, reset)
+
+
+cdef rate_limited(Exchange ex, rt, int64_t r, bytes policy):
+    if r == _RATE_TABLE_FULL:
+        ex.conn.local_reply(ex, "rate_limited", "rate-limit table is full; try again later", b"retry-after: 1\r\n")
+        return
+    cdef int64_t retry = max(1, -(-rt.retry_after_ms // 1000))
+    ex.conn.local_reply(ex, "rate_limited", "rate limit exceeded", b"retry-after: %d\r\n" % retry
+                        + rate_headers(rt, policy))
+
+
+cdef inline bytes _packed_client(Exchange ex):
+    cdef ClientConnection conn = ex.conn
+    return conn.peer_packed if ex.client is conn.peer else _pack_ip(ex.client)
+
+
+cdef class Stage:
+    """The contract: build(route, worker) at config time (None: the route does
+    not use the stage), run(ex) per request (True: go on; False: answered)."""
+
+    name = ""
+    cdef public object w
+    cdef public object route
+
+    def __init__(self, route, w):
+        self.route = route
+        self.w = w
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w)
+
+    cpdef bint run(self, Exchange ex) except -1:
+        raise NotImplementedError
+
+
+cdef class ClientIp(Stage):
+    """The client address: the peer, or X-Forwarded-For walked right to left
+    while the hops are trusted proxies."""
+
+    name = "client_ip"
+    cdef object ip
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.ip = w.ip
+
+    cpdef bint run(self, Exchange ex) except -1:
+        cdef ClientConnection conn = ex.conn
+        ex.client = self.ip.client_ip(conn.peer, True, ex.xff) if conn.trusted else conn.peer
+        return True
+
+
+cdef class IpRules(Stage):
+    name = "ip"
+    cdef object ip
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.ip = w.ip
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if w.ip.active else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        if self.ip.denied(ex.client):
+            ex.conn.local_reply(ex, "ip_denied", "client address is not allowed")
+            return False
+        return True
+
+
+cdef class BodyLimit(Stage):
+    name = "limits"
+    cdef int64_t max_body
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.max_body = route.max_body
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if route.max_body < (1 << 62) else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        cdef int64_t mb = self.max_body
+        if (ex.length is not None and ex.length > mb) or ex.body_seen > mb:
+            ex.conn.local_reply(ex, "body_too_large", f"request body exceeds {mb} bytes")
+            return False
+        return True
+
+
+cdef class KeyCredential(Stage):
+    """The API key: from the configured header, Authorization: Bearer, or an
+    opted-in query parameter; removed from what the upstream sees. One core
+    call checks it, its scopes and CIDRs; its limits are counted right after.
+    Failed checks count towards the address's failed-auth limit; only the
+    failures beyond it get 429, so a valid key is never locked out."""
+
+    name = "key"
+    cdef object keys
+    cdef object rates
+    cdef bytes header
+    cdef bytes param
+    cdef dict bits
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.keys = w.keys
+        self.rates = w.rates
+        self.header = w.key_header
+        self.param = route.key_query_param
+        self.bits = w.method_bits
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if route.auth == "key" else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        cdef ClientConnection conn = ex.conn
+        key = self.take_key(ex)
+        if key is None:
+            conn.local_reply(ex, "key_missing", "this route needs an API key", _WWW_AUTH)
+            return False
+        if key is _CONFLICT:
+            conn.local_reply(ex, "bad_request", "the request carries two different API keys")
+            return False
+        cdef bytes packed = _packed_client(ex)
+        cdef int64_t now_ms = _now_ms()
+        method = ex.authz_method
+        bit = self.bits.get(method)
+        if bit is None:
+            bit = _method_bit(method)
+        cdef int64_t idx = self.keys.check_key(key, bit, ex.path, packed, now_ms)
+        ex.verdict = idx
+        if idx >= 0:
+            ident = self.w.identity(idx)
+            ex.identity = ident[0]
+            ex.key = ident[4]
+            ex.key_index = idx
+            ex.rate = self.rates.hit_key(ident[1], self.keys, idx, now_ms)
+            ex.policy = ident[2]
+            return True
+        if idx == _SCOPE_DENIED or idx == _KEY_IP_DENIED:
+            return True  # the scope stage answers
+        code = _ERROR_CODE.get(idx, "key_invalid")
+        if code == "key_invalid" and self.w.failed_auth(packed, now_ms):
+            retry = max(1, -(-self.rates.retry_after_ms // 1000))
+            conn.local_reply(ex, "rate_limited", "too many failed key checks from this address",
+                             b"retry-after: %d\r\n" % retry)
+            return False
+        conn.local_reply(ex, code, _KEY_MESSAGES.get(idx, "API key refused"),
+                         _WWW_AUTH if code == "key_invalid" or code == "key_expired" else
+                         b"retry-after: 1\r\n" if code == "overloaded" else b"")
+        return False
+
+    cdef object take_key(self, Exchange ex):
+        """Find the key and remove it from what the upstream will see."""
+        cdef bytes kh = self.header
+        cdef object found = None
+        cdef list keep = None
+        cdef list headers = ex.headers
+        cdef Py_ssize_t i
+        cdef tuple h
+        for i in range(len(headers)):
+            h = headers[i]
+            ln = h[0]
+            if ln == kh:
+                cand = h[2].strip()
+            elif ln == b"authorization" and h[2][:7].lower() == b"bearer ":
+                cand = h[2][7:].strip()
+            else:
+                continue
+            if found is not None and cand != found:
+                return _CONFLICT
+            found = cand
+            if keep is None:
+                keep = headers[:i]
+        if keep is not None:
+            keep += [f for f in headers[len(keep):]
+                     if f[0] != kh and not (f[0] == b"authorization" and f[2][:7].lower() == b"bearer ")]
+            ex.headers = keep
+        param = self.param
+        if param and ex.query:
+            rest = []
+            for part in ex.query[1:].split(b"&"):
+                name, _, value = part.partition(b"=")
+                if name == param:
+                    cand = _unquote_to_bytes(value)
+                    if found is not None and cand != found:
+                        return _CONFLICT
+                    found = cand
+                else:
+                    rest.append(part)
+            ex.query = b"?" + b"&".join(rest) if rest else b""
+        return found
+
+
+cdef class KeyScope(Stage):
+    name = "scope"
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if route.auth == "key" else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        cdef int64_t v = ex.verdict
+        if v >= 0:
+            return True
+        ex.conn.local_reply(ex, _ERROR_CODE[v], _KEY_MESSAGES[v])
+        return False
+
+
+cdef class KeyRate(Stage):
+    name = "rate"
+    cdef object rates
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.rates = w.rates
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if route.auth == "key" else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        cdef int64_t r = ex.rate
+        if r == _UNLIMITED:
+            return True
+        if r < 0:
+            rate_limited(ex, self.rates, r, ex.policy)
+            return False
+        ex.resp_extra = rate_headers(self.rates, ex.policy)
+        return True
+
+
+cdef class AddressRate(Stage):
+    """Per-address limits on an open route (ip_limits)."""
+
+    name = "rate"
+    cdef object rates
+    cdef object policy
+    cdef bytes header
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.rates = w.rates
+        self.policy = route.ip_policy
+        self.header = route.ip_policy_header
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if route.auth != "key" and route.ip_policy is not None else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        rt = self.rates
+        cdef int64_t r = rt.hit(self.policy, self.w.addr_subject(_packed_client(ex)), _now_ms())
+        if r == _UNLIMITED:
+            return True
+        if r < 0:
+            rate_limited(ex, rt, r, self.header)
+            return False
+        ex.resp_extra = rate_headers(rt, self.header)
+        return True
+
+
+cdef class Rewrite(Stage):
+    """What the upstream request becomes: the path with the route's prefix
+    stripped (strip_path), and the method-override field on routes that honour it."""
+
+    name = "rewrite"
+    cdef bytes prefix
+    cdef bint strip
+    cdef bint override
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.prefix = route.prefix
+        self.strip = route.strip_path and route.prefix != b"/"
+        self.override = route.method_override
+
+    @classmethod
+    def build(cls, route, w):
+        return cls(route, w) if (route.strip_path and route.prefix != b"/") or route.method_override else None
+
+    cpdef bint run(self, Exchange ex) except -1:
+        cdef bytes path
+        if self.strip:
+            path = ex.path[len(self.prefix):] or b"/"
+            ex.up_path = path if path[:1] == b"/" else b"/" + path
+        field = ex.head.method_override_field
+        if field is not None and self.override:
+            ex.headers = ex.headers + [field]
+        return True
+
+
+cdef class Upstream(Stage):
+    """The end of admission: choose the target and hand over to the upstream side."""
+
+    name = "upstream"
+    cdef object upstream
+
+    def __init__(self, route, w):
+        Stage.__init__(self, route, w)
+        self.upstream = route.upstream
+
+    cpdef bint run(self, Exchange ex) except -1:
+        proxy(self.w, ex, self.upstream.next_target())
+        return True
+
+
+cpdef bytes host_name(bytes authority):
+    """The host of a validated authority, lower-cased, without its port."""
+    if authority[:1] == b"[":
+        return authority[: authority.find(b"]") + 1].lower()
+    return authority.split(b":", 1)[0].lower()
+
+
+cdef object route_stage(w, Exchange ex):
+    """Stage 'route': host + longest prefix + methods, with the method a route
+    that honours method override checks instead. None: answered."""
+    cdef ClientConnection conn = ex.conn
+    router = w.router
+    route = router.match(host_name(ex.host) if router.by_host and ex.host else None, ex.path)
+    if route is None:
+        conn.local_reply(ex, "no_route", "no route matches this host and path")
+        return None
+    ex.route = route
+    if route.reject_double_encoding and _double_encoded(ex.path):
+        conn.local_reply(ex, "bad_request", "double-encoded '.', '/' or '\\' in the path")
+        return None
+    method = ex.method
+    if route.method_override:
+        override = ex.head.method_override
+        if override is not None:
+            method = override.strip()
+            if method not in w.method_bits:
+                conn.local_reply(ex, "bad_request", "method override names no known method")
+                return None
+    ex.authz_method = method
+    methods = route.methods
+    if methods is not None and method not in methods:
+        conn.local_reply(ex, "method_not_allowed", "method not allowed on this route", route.allow_header)
+        return None
+    return route
+
+
+cpdef handle(w, Exchange ex):
+    """Run one request through the pipeline (the parse stage has run)."""
+    route = route_stage(w, ex)
+    if route is None:
+        return
+    cdef Stage stage
+    for stage in route.stages:
+        if not stage.run(ex):
+            return
+
+
+# -- the upstream request ---------------------------------------------------------------
+
+cpdef proxy(w, Exchange ex, target):
+    """The end of admission. A body up to request_buffer is read whole before
+    the upstream is chosen; a larger one streams from here."""
+    ex.target = target
+    cdef int64_t rb
+    if not ex.body_done:
+        rb = ex.route.request_buffer
+        if (ex.length is not None and ex.length > rb) or ex.body_seen > rb:
+            ex.streaming = True
+        else:
+            ex.waiting = True
+            ex.conn.continue_body(ex)
+            return
+    send(w, ex)
+
+
+cpdef send(w, Exchange ex):
+    target = ex.target
+    cdef UpstreamConn up = target.get() if ex.upgrade is None else None
+    c = w.m_upstream.get(target.name)
+    if c is None:
+        c = w.m_upstream[target.name] = [0, 0, 0]
+    if up is not None:
+        c[1] += 1
+        ex.conn.send_upstream(ex, up, build_head(w, ex, target))
+        return
+    w.connect(ex, target)
+
+
+cpdef bytes build_head(w, Exchange ex, target):
+    cdef ClientConnection conn = ex.conn
+    route = ex.route
+    cdef bytes path = ex.up_path or ex.path
+    cdef bytes peer = conn.peer.encode()
+    cdef bint trusted = conn.trusted
+    cdef bytes xff = ex.xff + b", " + peer if trusted and ex.xff else peer
+    cdef bytes host = ex.host or b""
+    cdef Head h = ex.head
+    cdef bytes proto = h.xfp if trusted and h.xfp else b"http"
+    cdef list parts = [ex.method, b" ", path, ex.query, b" HTTP/1.1\r\nhost: ",
+                       host if route.preserve_host and host else target.host_header, b"\r\n"]
+    cdef tuple f
+    for f in ex.headers:
+        parts += (f[1], b": ", f[2], b"\r\n")
+    if ex.identity:
+        parts.append(ex.identity)
+    parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto, b"\r\nx-forwarded-host: ",
+              h.xfh if trusted and h.xfh else host, b"\r\nx-request-id: ", ex.request_id.encode(), b"\r\n")
+    if w.forwarded_header:
+        parts.append(forwarded_element(conn.peer, host, proto))
+    if ex.chunked:
+        if ex.body_done:
+            # read and validated whole: the upstream gets it with a length,
+            # as nginx sends a buffered body
+            ex.up_chunked = False
+            parts.append(b"content-length: %d\r\n" % ex.body_seen)
+        else:
+            ex.up_chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+    elif ex.length is not None:
+        parts.append(b"content-length: %d\r\n" % ex.length)
+    if ex.upgrade is not None:
+        parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+cpdef bytes forwarded_element(str peer, bytes host, bytes proto):
+    """An RFC 7239 Forwarded field for this hop."""
+    node = f'"[{peer}]"' if ":" in peer else peer
+    cdef bytes out = b"forwarded: for=%s;proto=%s" % (node.encode(), proto)
+    if host:
+        out += b';host="%s"' % host if b":" in host else b";host=%s" % host
+    return out + b"\r\n"
