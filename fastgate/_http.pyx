@@ -940,16 +940,23 @@ cdef enum:
     R_TE = 3
     R_CONNECTION = 4
 
-_RESP_FIELDS = {
-    b"content-length": R_CL,
-    b"transfer-encoding": R_TE,
-    b"connection": R_CONNECTION,
-    b"keep-alive": R_DROP,
-    b"proxy-connection": R_DROP,
-    b"te": R_DROP,
-    b"trailer": R_DROP,
-    b"upgrade": R_DROP,
-}
+cdef inline int _resp_kind(const uint8_t *p, Py_ssize_t n) noexcept:
+    """What a response field name is to us, without making an object of it."""
+    if n == 14:
+        return R_CL if _ieq(p, n, b"content-length") else R_KEEP
+    if n == 17:
+        return R_TE if _ieq(p, n, b"transfer-encoding") else R_KEEP
+    if n == 10:
+        if _ieq(p, n, b"connection"):
+            return R_CONNECTION
+        return R_DROP if _ieq(p, n, b"keep-alive") else R_KEEP
+    if n == 16:
+        return R_DROP if _ieq(p, n, b"proxy-connection") else R_KEEP
+    if n == 7:
+        return R_DROP if _ieq(p, n, b"trailer") or _ieq(p, n, b"upgrade") else R_KEEP
+    if n == 2:
+        return R_DROP if _ieq(p, n, b"te") else R_KEEP
+    return R_KEEP
 
 
 cdef class ResponseParser(_Body):
@@ -1206,12 +1213,7 @@ cdef class ResponseParser(_Body):
                 if not CLS[line[j]] & C_VALUE:
                     self._err(E_UP, "control character in an upstream header field value")
                     return False
-            kind = R_KEEP
-            if k <= 17:
-                lname = _lower(line, k, None) or PyBytes_FromStringAndSize(<const char *>line, k)
-                o = PyDict_GetItem(_RESP_FIELDS, lname)
-                if o != NULL:
-                    kind = <int><object>o
+            kind = _resp_kind(line, k)
             if kind == R_CL:
                 if has_cl:
                     self._err(E_UP, "more than one Content-Length in an upstream response")
@@ -1418,3 +1420,4 @@ cdef bint _authority(const uint8_t *p, Py_ssize_t n) noexcept:
 
 include "http/proxy.pxi"
 include "http/stages.pxi"
+include "http/meter.pxi"

@@ -96,6 +96,7 @@ cpdef reset(transport):
 
 cdef class ClientConnection
 cdef class UpstreamConn
+cdef class Meter
 
 
 cdef class Exchange:
@@ -206,6 +207,7 @@ cdef class ClientConnection:
     cdef public double linger_end
     cdef public bytes peer_packed
     cdef public int doomed             # while a batch is handled: the seq of the message its error refuses
+    cdef Meter meter
 
     def __init__(self, worker):
         self.w = worker
@@ -233,6 +235,7 @@ cdef class ClientConnection:
             max_trailers=min(s.max_headers, 64), max_trailer_bytes=min(s.max_header_bytes, 8192),
             key_header=w.key_header, trusted=self.trusted, underscores=s.underscores_in_headers,
         )
+        self.meter = w.meter
         w.conns.add(self)
         # A connection that never sends a byte is closed, silently, after this.
         self.idle_since = w.loop.time()
@@ -287,7 +290,7 @@ cdef class ClientConnection:
             ex.error = "client_closed"
             if not ex.status:
                 ex.status = 499
-            w.account(ex)
+            self.meter.account(ex)
             if w.access is not None:
                 w.log_exchange(ex)
 
@@ -522,7 +525,7 @@ cdef class ClientConnection:
             w = self.w
             rid = w.next_request_id()
             self.write(_error_reply(code, message, rid, close=True))
-            w.count_status(_ERROR_STATUS[code])
+            self.meter.count_status(_ERROR_STATUS[code])
             if w.access is not None:
                 w.log_refused(self, rid, code)
             self.close(True)
@@ -712,7 +715,7 @@ cdef class ClientConnection:
         ex.done = True
         self.active = None
         w = self.w
-        w.account(ex)
+        self.meter.account(ex)
         if w.access is not None:
             w.log_exchange(ex)
         q = self.queue
@@ -720,7 +723,7 @@ cdef class ClientConnection:
             if self.pending_reject is not None and not close:
                 code, message = self.pending_reject
                 self.write(_error_reply(code, message, w.next_request_id(), close=True))
-                w.count_status(_ERROR_STATUS[code])
+                self.meter.count_status(_ERROR_STATUS[code])
             self.close(self.pending_reject is not None or not ex.body_done or self.parsing is not None)
             return
         cdef Exchange nxt
@@ -751,7 +754,7 @@ cdef class ClientConnection:
             w = self.w
             if ex.error == "upstream_cut":
                 w.upstream_cuts += 1
-            w.account(ex)
+            self.meter.account(ex)
             if w.access is not None:
                 w.log_exchange(ex)
             self.abort()
@@ -789,7 +792,7 @@ cdef class ClientConnection:
         self.tunnel_ex = None
         self.deadline_kind = _K_NONE
         self.resume_reading(4)
-        self.w.count_status(101)
+        self.meter.count_status(101)
         return True
 
 

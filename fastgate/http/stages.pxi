@@ -4,7 +4,8 @@
 # in Python subclasses Stage and overrides run() (cpdef: a Cython stage is a C
 # call, a Python one a normal method call).
 
-import time as _time
+from libc.stdio cimport snprintf
+
 from urllib.parse import unquote_to_bytes as _unquote_to_bytes
 
 from fastgate import core as _core
@@ -38,11 +39,25 @@ cdef inline int64_t _now_ms() noexcept:
 
 
 cpdef bytes rate_headers(rt, bytes policy):
-    cdef int64_t reset = -(-rt.reset_ms // 1000)
-    cdef int64_t limit = rt.limit, remaining = rt.remaining
-    return b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n%s" \
-           b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: %d\r\nx-ratelimit-reset: %d\r\n" % (
-               limit, remaining, reset, policy, limit, remaining, reset)
+    """RateLimit-* (IETF httpapi draft) and X-RateLimit-*, formatted in C."""
+    cdef long long reset = -(-(<long long>rt.reset_ms) // 1000)
+    return _rate_fields(rt.limit, rt.remaining, reset, policy)
+
+
+cdef bytes _rate_fields(long long limit, long long remaining, long long reset, bytes policy):
+    cdef char a[160]
+    cdef char b[160]
+    cdef int na = snprintf(a, sizeof(a), "ratelimit-limit: %lld\r\nratelimit-remaining: %lld\r\nratelimit-reset: %lld\r\n",
+                           limit, remaining, reset)
+    cdef int nb = snprintf(b, sizeof(b), "x-ratelimit-limit: %lld\r\nx-ratelimit-remaining: %lld\r\n"
+                           "x-ratelimit-reset: %lld\r\n", limit, remaining, reset)
+    cdef Py_ssize_t np = PyBytes_GET_SIZE(policy)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, na + np + nb)
+    cdef char *o = PyBytes_AS_STRING(out)
+    memcpy(o, a, na)
+    memcpy(o + na, PyBytes_AS_STRING(policy), np)
+    memcpy(o + na + np, b, nb)
+    return out
 
 
 cdef rate_limited(Exchange ex, rt, int64_t r, bytes policy):

@@ -17,7 +17,6 @@ import secrets
 import signal
 import socket
 import struct
-from bisect import bisect_left
 
 import uvloop
 
@@ -82,10 +81,8 @@ class Worker:
         self._rid_prefix = ""
         self._rid = 0
         self.stats = stats
-        self.m_requests: dict = {}
-        self.m_latency: dict = {}
+        self.meter = _http.Meter(LATENCY_BUCKETS)  # requests, latency, per-key usage
         self.m_upstream: dict = {}  # target -> [connects, reuses, connect_errors]
-        self.usage: dict = {}  # key slot -> [1xx, 2xx, 3xx, 4xx, 5xx, bytes_in, bytes_out]
         self._next_publish = 0.0
         self.access = None
         self._log_base = [0, 0]
@@ -196,46 +193,22 @@ class Worker:
         return f"{self._rid_prefix}{self._rid:08x}"
 
     def count_status(self, status: int) -> None:
-        """A refusal that never became an exchange (malformed head), or a 101."""
-        k = ("", status // 100, "parse" if status >= 400 else "proxied", "")
-        m = self.m_requests
-        m[k] = m.get(k, 0) + 1
+        self.meter.count_status(status)
 
     def account(self, ex) -> None:
-        """Step 9's counters: requests by (route, status class, stage, plan), the
-        route's latency histogram, and the key's usage (one dict update each)."""
-        route = ex.route
-        rname = route.name if route is not None else ""
-        key = ex.key
-        cls = ex.status // 100
-        k = (rname, cls, STAGE_OF.get(ex.error, "internal") if ex.error else "proxied", key[2] if key else "")
-        m = self.m_requests
-        m[k] = m.get(k, 0) + 1
-        dt = (now_ns() - ex.t0) / 1e9
-        h = self.m_latency.get(rname)
-        if h is None:
-            h = self.m_latency[rname] = [0] * (len(LATENCY_BUCKETS) + 2)
-        h[bisect_left(LATENCY_BUCKETS, dt)] += 1
-        h[-1] += dt
-        if key is not None:
-            u = self.usage.get(ex.key_index)
-            if u is None:
-                u = self.usage[ex.key_index] = [0, 0, 0, 0, 0, 0, 0]
-            if 1 <= cls <= 5:
-                u[cls - 1] += 1
-            u[5] += ex.body_seen
-            u[6] += ex.bytes_out
+        self.meter.account(ex)
 
     def publish_stats(self) -> None:
         """About once a second: the snapshot for GET /metrics, and usage deltas."""
         stats = self.stats
         if stats is None:
             return
-        if self.usage:
-            stats.push_usage(self.usage)
+        meter = self.meter
+        if meter.usage:
+            stats.push_usage(meter.usage)
         stats.publish(self.index, {
-            "requests": [[*k, n] for k, n in self.m_requests.items()],
-            "latency": self.m_latency,
+            "requests": meter.requests(),
+            "latency": meter.latencies(),
             "upstream": self.m_upstream,
             "idle": {t.name: len(t.idle) for t in self.targets.values()},
             "connections": len(self.conns),
