@@ -54,8 +54,8 @@ from fastgate.keys.audit import (
     verify_chain,
     write_head,
 )
+from fastgate.keys.schema import AUDIT_COLUMNS, SCHEMA_V1, SCHEMA_VERSION, split_sql
 
-SCHEMA_VERSION = 1
 SECRET_BYTES = 32
 KEY_ID_MAX = 32  # core.make_key's limit
 DIGEST_BYTES = 32
@@ -262,52 +262,11 @@ def _check_digest(field: str, d: Any) -> bytes:
 
 # ---------------------------------------------------------------- schema
 
-_SCHEMA_V1 = """
-CREATE TABLE keys (
-    id             TEXT PRIMARY KEY,
-    name           TEXT NOT NULL,
-    owner          TEXT,
-    plan           TEXT,
-    scopes         TEXT,              -- JSON list; NULL = []
-    allow_cidrs    TEXT,              -- JSON list; NULL = []
-    deny_cidrs     TEXT,              -- JSON list; NULL = []
-    limits         TEXT,              -- JSON list; NULL = []
-    expires_at     TEXT,              -- RFC 3339 'Z', sorts as text
-    metadata       TEXT,              -- JSON object; NULL = {}
-    created_at     TEXT NOT NULL,
-    updated_at     TEXT NOT NULL,
-    revoked_at     TEXT,
-    slot           INTEGER,           -- NULL = not assigned
-    digest         BLOB NOT NULL,     -- keyed digest, never the key
-    prev_digest    BLOB,
-    grace_until_ms INTEGER NOT NULL DEFAULT 0,
-    expired_noted  TEXT               -- the expires_at value an 'expired' event was logged for
-) WITHOUT ROWID;
-CREATE INDEX keys_owner ON keys(owner, id) WHERE owner IS NOT NULL;
-CREATE INDEX keys_slot ON keys(slot) WHERE slot IS NOT NULL;
-CREATE INDEX keys_expires ON keys(expires_at) WHERE expires_at IS NOT NULL;
-CREATE TABLE audit (
-    seq       INTEGER PRIMARY KEY,
-    ts        TEXT NOT NULL,
-    actor     TEXT NOT NULL,
-    event     TEXT NOT NULL,
-    key_id    TEXT NOT NULL,
-    changes   TEXT NOT NULL,          -- canonical JSON, never secrets or digests
-    prev_hash TEXT NOT NULL,
-    hash      TEXT NOT NULL
-);
-CREATE INDEX audit_key ON audit(key_id, seq);
-CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-"""
 
 _COLS = ("id, name, owner, plan, scopes, allow_cidrs, deny_cidrs, limits, expires_at, metadata, "
          "created_at, updated_at, revoked_at, slot, digest, prev_digest, grace_until_ms")
 _INSERT = f"INSERT INTO keys ({_COLS}) VALUES ({', '.join('?' * 17)})"
-_AUDIT_INSERT = ("INSERT INTO audit (seq, ts, actor, event, key_id, changes, prev_hash, hash) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 _dec_list = msgspec.json.Decoder(list[str]).decode
 _dec_obj = msgspec.json.Decoder(dict[str, Any]).decode
@@ -411,7 +370,7 @@ class KeyStore:
                     raise StoreError(f"{self.path} is an SQLite database but not a fastgate key store "
                                      "(user_version 0 with existing tables)")
                 # executescript() would COMMIT first: run the statements one by one instead
-                for stmt in _split_sql(_SCHEMA_V1):
+                for stmt in split_sql(SCHEMA_V1):
                     c.execute(stmt)
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -650,7 +609,7 @@ class KeyStore:
             raise InvalidValue(f"limit: expected 1..10000, found {limit!r}")
         if not isinstance(after_seq, int) or not 0 <= after_seq < (1 << 63):
             raise InvalidValue(f"after_seq: expected 0..2**63-1, found {after_seq!r}")
-        sql = "SELECT seq, ts, actor, event, key_id, changes, prev_hash, hash FROM audit WHERE seq > ?"
+        sql = f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?"
         args: list[Any] = [after_seq]
         if key_id is not None:
             sql += " AND key_id = ?"
@@ -836,18 +795,6 @@ class _Tx:
         if self._rows:
             self.c.executemany(_AUDIT_INSERT, self._rows)
             self._rows = []
-
-
-def _split_sql(script: str) -> list[str]:
-    """Split the schema into statements (triggers contain ';' inside BEGIN..END)."""
-    out, buf = [], []
-    for line in script.strip().splitlines():
-        buf.append(line)
-        joined = "\n".join(buf).strip()
-        if joined.endswith(";") and sqlite3.complete_statement(joined):
-            out.append(joined)
-            buf = []
-    return out
 
 
 __all__ = [
