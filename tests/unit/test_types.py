@@ -54,6 +54,13 @@ def test_rules_say_what_was_expected_and_found(rule, bad, why):
     assert why in str(exc.value)
 
 
+def test_a_rule_refuses_what_is_not_a_string():
+    for rule in (T.CIDR, T.TIMESTAMP, T.LIMIT):
+        for bad in (5, None, ["10.0.0.0/8"]):
+            with pytest.raises(ValueError, match=f"found {bad!r}".replace("[", r"\[")):
+                rule(bad)
+
+
 def test_text_problem_is_the_rule_of_its_pattern():
     for rule in (T.TEXT, T.NAME, T.KEY_ID, T.SCOPE, T.LIMIT, T.CIDR):
         assert T.text_problem("x\n", rule.pattern) == rule.problem("x\n")
