@@ -148,3 +148,61 @@ def test_fields_validator_checks_named_values_in_one_pass():
     with pytest.raises(T.Problems) as exc:
         check({"scopes": ["get /x", "GET /y"], "expires_at": "2030-01-01"}, "rec.")
     assert [p.split(":")[0] for p in exc.value.problems] == ["rec.scopes[0]", "rec.expires_at"]
+
+
+# ---------------------------------------------------------------- one definition, three surfaces
+
+
+@pytest.mark.parametrize("field, value", [
+    ("allow_cidrs", ["10.0.0.0/8", "10.0.0.0/33"]),
+    ("deny_cidrs", ["10.0.0.0/8", "fe80::1%eth0"]),
+    ("limits", ["5/second", "10 / minute"]),
+    ("limits", ["5/second", "6/second"]),
+])
+def test_config_admin_and_store_refuse_alike(tmp_path, field, value):
+    """The same value, the same message after the path, from the config loader, an admin
+    API body and the key store."""
+    from fastgate.admin.schemas import CreateKey
+    from fastgate.admin.server import _validation
+    from fastgate.config import build_config
+    from fastgate.errors import ConfigError
+    from fastgate.keys import InvalidValue, KeyRecord, KeyStore
+
+    raw = {"ip": {"allow" if field == "allow_cidrs" else "deny": value}} if "cidrs" in field else \
+        {"plans": {"p": {"limits": value}}}
+    with pytest.raises(ConfigError) as cexc:
+        build_config(raw, "gw.toml")
+    (cpath, cmsg), = cexc.value.problems
+    with pytest.raises(msgspec.ValidationError) as aexc:
+        msgspec.json.decode(msgspec.json.encode({"name": "x", field: value}), type=CreateKey)
+    amsg = _validation(aexc.value, CreateKey).message
+    with KeyStore(str(tmp_path / "keys.db")) as store:
+        with pytest.raises(InvalidValue) as sexc:
+            store.create(KeyRecord(id="abc", name="x", digest=b"d" * 32, **{field: value}), "admin")
+    spath, smsg = str(sexc.value).split(": ", 1)
+    apath, amsg = amsg.split(": ", 1)
+    assert (apath, spath) == (f"$.{field}[1]", f"{field}[1]") and cpath.endswith("[1]")
+    # one message; a reference to another item is located the way each surface locates
+    assert cmsg == smsg == amsg.replace("$.", "")
+
+
+def test_the_key_fields_have_one_declaration():
+    """KeyRecord (the store), CreateKey/UpdateKey (the admin API) and the config's lists use
+    the same type objects, so a change to one is a change to all."""
+    import typing
+
+    from fastgate.admin.schemas import CreateKey, UpdateKey
+    from fastgate.config import IpConfig, PlanConfig, RouteConfig
+    from fastgate.keys import EDITABLE, KeyRecord
+
+    record = {f.name: f.type for f in msgspec.structs.fields(KeyRecord) if f.name in EDITABLE}
+    create = {f.name: f.type for f in msgspec.structs.fields(CreateKey)}
+    update = {f.name: f.type for f in msgspec.structs.fields(UpdateKey)}
+    assert set(record) == set(create) == set(update) == set(EDITABLE)
+    for name in EDITABLE:
+        assert create[name] == record[name], name
+        assert typing.get_args(update[name])[-1] is msgspec.UnsetType
+        assert typing.Union[typing.get_args(update[name])[:-1]] == record[name], name
+    config = {f.name: f.type for c in (IpConfig, PlanConfig, RouteConfig) for f in msgspec.structs.fields(c)}
+    assert config["limits"] is T.Limits and config["ip_limits"] is T.Limits
+    assert config["allow"] == list[T.Cidr] == config["deny"] == config["trusted_proxies"]
