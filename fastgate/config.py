@@ -4,6 +4,11 @@ Every problem is collected and located (``FILE: $.routes[1].upstream: ...``), so
 ``fastgate check-config`` can report all of them at once, like ``nginx -t``.
 Sections are converted one by one (list entries one by one) because msgspec stops
 at the first error of a single ``convert`` call.
+
+Limits and CIDRs are fastgate.types' ``Limit``/``Limits`` and ``Cidr``, the types the
+admin API and the key store use: the same grammar, the same messages, the same stored
+form (a CIDR's host bits cleared, as nginx reads ``10.0.0.1/8``), and nothing accepted
+here that the core refuses when a worker compiles it.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ import ipaddress
 import os
 import re
 import tomllib
+import typing
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
+from .types import CIDR, LIMIT, MAX_NAME, NAME, Cidr, Limits, Problems, check_fields, checker
+from .types import LIMIT_UNITS, parse_limit  # noqa: F401  (cfg.parse_limit: the workers' name for it)
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 Size = int | str  # bytes, or "16k" / "10m" / "1g"
@@ -28,8 +36,6 @@ HTTP_METHODS = frozenset(
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.I)
-_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|month)\s*$")
-LIMIT_UNITS = ("second", "minute", "hour", "day", "month")
 
 
 def parse_size(value: int | str) -> int:
@@ -60,21 +66,9 @@ def parse_hostport(value: str, *, default_host: str | None = None) -> tuple[str,
     return host, int(port)
 
 
-def parse_limit(value: str) -> tuple[int, str]:
-    """'10/second' -> (10, 'second')."""
-    m = _LIMIT.match(value)
-    if not m or int(m.group(1)) <= 0:
-        raise ValueError(
-            f"expected N/second|minute|hour|day|month with N > 0, found {value!r}"
-        )
-    return int(m.group(1)), m.group(2)
-
-
 def parse_cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError as exc:
-        raise ValueError(f"expected an IP address or CIDR, found {value!r} ({exc})") from None
+    """'10.0.0.1/8' -> IPv4Network('10.0.0.0/8'); ValueError as the Cidr rule words it."""
+    return ipaddress.ip_network(CIDR(value))
 
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -147,7 +141,7 @@ class KeysConfig(Base):
             problems.append(f"header: expected an HTTP header name, found {self.header!r}")
         self.header = self.header.lower()
         if self.failed_auth_limit != "off":
-            _check(problems, "failed_auth_limit", parse_limit, self.failed_auth_limit)
+            _check(problems, "failed_auth_limit", LIMIT, self.failed_auth_limit)
         if self.ext_bytes is not None:
             try:
                 self.ext_bytes = parse_size(self.ext_bytes)
@@ -157,13 +151,10 @@ class KeysConfig(Base):
 
 
 class PlanConfig(Base):
-    limits: list[str] = []
+    limits: Limits = []
 
     def __post_init__(self):
-        problems: list[str] = []
-        for i, limit in enumerate(self.limits):
-            _check(problems, f"limits[{i}]", parse_limit, limit)
-        _raise_all(problems)
+        check_fields(self)
 
 
 class UpstreamConfig(Base):
@@ -192,7 +183,7 @@ class RouteConfig(Base):
     preserve_host: bool = False  # False: Host = upstream target (nginx/Kong default)
     strip_path: bool = False  # True: the matched prefix is removed before proxying
     key_query_param: str | None = None  # opt-in: accept the key from ?PARAM=
-    ip_limits: list[str] = []  # per client address, e.g. ["100/minute"] (for auth = "none" routes)
+    ip_limits: Limits = []  # per client address, e.g. ["100/minute"] (for auth = "none" routes)
     request_buffer: Size | None = None  # None = server.request_buffer
     # Honour X-HTTP-Method-Override / X-HTTP-Method / X-Method-Override: the
     # overridden method is then the one routes and key scopes are checked
@@ -226,15 +217,14 @@ class RouteConfig(Base):
                     setattr(self, field, parse_size(getattr(self, field)))
                 except ValueError as exc:
                     problems.append(f"{field}: {exc}")
-        for i, limit in enumerate(self.ip_limits):
-            _check(problems, f"ip_limits[{i}]", parse_limit, limit)
+        _rules(problems, self)
         _raise_all(problems)
 
 
 class IpConfig(Base):
-    allow: list[str] = []  # empty = everyone not denied
-    deny: list[str] = []
-    trusted_proxies: list[str] = []
+    allow: list[Cidr] = []  # empty = everyone not denied
+    deny: list[Cidr] = []
+    trusted_proxies: list[Cidr] = []
     # Files with one address or CIDR per line ('#' comments), merged into
     # allow/deny when the config is loaded (and on every reload).
     allow_files: list[str] = []
@@ -244,11 +234,7 @@ class IpConfig(Base):
     v6_subject_prefix: Annotated[int, Meta(ge=1, le=64)] = 64
 
     def __post_init__(self):
-        problems: list[str] = []
-        for field in ("allow", "deny", "trusted_proxies"):
-            for i, cidr in enumerate(getattr(self, field)):
-                _check(problems, f"{field}[{i}]", parse_cidr, cidr)
-        _raise_all(problems)
+        check_fields(self)
 
 
 class LogConfig(Base):
@@ -317,6 +303,14 @@ def _check(problems: list[str], field: str, fn, *args) -> None:
         problems.append(f"{field}: {exc}")
 
 
+def _rules(problems: list[str], obj: msgspec.Struct) -> None:
+    """The fastgate.types Rules of obj's fields (full-match patterns, canonical forms)."""
+    try:
+        check_fields(obj)
+    except Problems as exc:
+        problems.extend(exc.problems)
+
+
 def _raise_all(problems: list[str]) -> None:
     if problems:
         raise ValueError("\n".join(problems))
@@ -330,6 +324,7 @@ def _convert(value: Any, typ: Any, path: str, problems: list[tuple[str, str]]):
     if isinstance(value, dict):
         # msgspec stops at the first error: check field by field, then run the
         # cross-field checks on the fields that were valid, to report them all.
+        first, found = found, []
         fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
         valid = {}
         for key, v in value.items():
@@ -341,17 +336,41 @@ def _convert(value: Any, typ: Any, path: str, problems: list[tuple[str, str]]):
                 msgspec.convert(v, f.type)
                 valid[key] = v
             except msgspec.ValidationError as exc:
-                found.extend(_locate(exc, f"{path}.{key}"))
+                found.extend(_list_items(v, f.type, f"{path}.{key}") or _locate(exc, f"{path}.{key}"))
         try:
             msgspec.convert(valid, typ)
         except msgspec.ValidationError as exc:
             found.extend(_locate(exc, path))
+        found = found or first  # (in document order; the first problem is among them)
     seen = set()
     for p in found:
         if p not in seen and not (p[1].startswith("Object contains unknown field") and p[0] == path):
             seen.add(p)
             problems.append(p)
     return None
+
+
+def _list_items(value: Any, tp: Any, path: str) -> list[tuple[str, str]]:
+    """Every problem of a list whose conversion failed, item by item (msgspec stops at the
+    first bad item; the Rules of the others would not run): [] if no item is at fault."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if not isinstance(value, list) or typing.get_origin(tp) is not list:
+        return []
+    item = typing.get_args(tp)[0]
+    rules = checker(item)
+    found: list[tuple[str, str]] = []
+    for i, v in enumerate(value):
+        try:
+            v = msgspec.convert(v, item)
+        except msgspec.ValidationError as exc:
+            found.extend(_locate(exc, f"{path}[{i}]"))
+            continue
+        if rules is not None:
+            lines: list[str] = []
+            rules(v, f"{path}[{i}]", lines)
+            found.extend(tuple(line.split(": ", 1)) for line in lines)
+    return found if any(p.startswith(f"{path}[") for p, _ in found) else []
 
 
 def build_config(raw: Any, source: str, base_dir: str | None = None) -> Config:
@@ -375,6 +394,14 @@ def build_config(raw: Any, source: str, base_dir: str | None = None) -> Config:
             if not isinstance(value, dict):
                 problems.append((path, f"expected a table of plans, found {type(value).__name__}"))
                 continue
+            for n in value:
+                if not isinstance(n, str):  # (YAML: `1:`)
+                    why = f"expected a string, found {type(n).__name__}"
+                else:
+                    why = NAME.problem(n) or (f"expected at most {MAX_NAME} characters, found {len(n)}"
+                                              if len(n) > MAX_NAME else None)
+                if why:  # keys name their plan with the same rule: such a plan could never be used
+                    problems.append((path, f"plan name {n!r}: {why}"))
             parts[key] = {n: _convert(v, PlanConfig, f"{path}.{n}", problems) for n, v in value.items()}
         else:
             problems.append((path, f"unknown section; expected one of {', '.join(sorted([*_SECTIONS, *_LISTS, 'plans']))}"))
@@ -434,11 +461,9 @@ def _read_cidr_file(name: str, base_dir: str | None, where: str, problems: list)
         if not entry:
             continue
         try:
-            parse_cidr(entry)
+            out.append(CIDR(entry))
         except ValueError as exc:
             problems.append((where, f"{path}:{n}: {exc}"))
-            continue
-        out.append(entry)
     return out
 
 

@@ -8,9 +8,9 @@
 """
 
 from fastgate.keys.audit import AuditEvent, verify_chain, verify_store
+from fastgate.keys.schema import SCHEMA_VERSION
 from fastgate.keys.store import (
     EDITABLE,
-    SCHEMA_VERSION,
     Conflict,
     InvalidValue,
     KeyRecord,

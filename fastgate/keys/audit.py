@@ -48,6 +48,8 @@ from typing import Any, TextIO
 
 import msgspec
 
+from fastgate.keys.schema import AUDIT_COLUMNS, SCHEMA_VERSION
+
 try:
     from json.encoder import c_encode_basestring as _enc_str  # what json.dumps uses (ensure_ascii=False)
 except ImportError:  # pragma: no cover - pure-Python json
@@ -170,7 +172,7 @@ def verify_chain(conn: sqlite3.Connection, head_file: str) -> tuple[bool, list[s
     running = ZERO_HASH
     rows = 0
     last_seq, last_hash = 0, ZERO_HASH
-    cur = conn.execute("SELECT seq, ts, actor, event, key_id, changes, prev_hash, hash FROM audit ORDER BY seq")
+    cur = conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq")
     try:
         while True:
             batch = cur.fetchmany(4096)
@@ -254,8 +256,6 @@ def verify_store(path: str, *, as_json: bool = False, out: TextIO | None = None)
     except sqlite3.Error as exc:
         return fail(f"cannot open {path}: {exc}")
     try:
-        from fastgate.keys.store import SCHEMA_VERSION
-
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
             return fail(f"{path}: schema version {version}, this fastgate reads version {SCHEMA_VERSION}")

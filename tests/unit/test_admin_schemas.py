@@ -148,6 +148,16 @@ def test_body_limits_name_the_path():
     assert msg.startswith("$.owner: control characters") and "; $.allow_cidrs[1]: expected an IPv4" in msg
 
 
+def test_every_metadata_key_follows_the_declared_pattern():
+    # The document declares the key pattern for nested objects too; the walk over the declared
+    # types checks them (a hand-written check used to look at the top-level keys only).
+    assert refusal(b'{"name": "x", "metadata": {"a": {"b\\u0000": 1}}}') == (
+        "$.metadata.a: key 'b\\x00': control characters are not allowed, found U+0000 (a NUL byte) at index 1")
+    # and a timestamp without its zone says so (no min length to trip over first)
+    assert refusal(b'{"name": "x", "expires_at": "2099-01-01T00:00:00"}') == (
+        "$.expires_at: '2099-01-01T00:00:00' has no timezone: add Z (UTC) or an offset like +02:00")
+
+
 def test_bodies_are_normalised():
     k = dec.decode(b'{"name": "x", "allow_cidrs": ["10.9.8.7/8", "::1"], "expires_at": "2099-01-01T01:00:00+01:00",'
                    b' "metadata": {"a": [1, "b", null], "c": {"d": true}, "e": 1.5}}')

@@ -434,7 +434,8 @@ def test_ip_lists_from_files(tmp_path):
     (tmp_path / "deny.txt").write_text("# bad networks\n203.0.113.0/24\n\n198.51.100.7  # one host\n")
     (tmp_path / "gw.toml").write_text('[ip]\ndeny = ["192.0.2.0/24"]\ndeny_files = ["deny.txt"]\n')
     c = load_config(str(tmp_path / "gw.toml"))
-    assert c.ip.deny == ["192.0.2.0/24", "203.0.113.0/24", "198.51.100.7"]
+    # the stored form of fastgate.types.Cidr, as the admin API stores a key's CIDRs: an address is its /32
+    assert c.ip.deny == ["192.0.2.0/24", "203.0.113.0/24", "198.51.100.7/32"]
 
 
 def test_ip_file_problems_are_located(tmp_path):
@@ -448,3 +449,121 @@ def test_ip_file_problems_are_located(tmp_path):
     text = str(exc.value)
     assert "$.ip.allow_files[0]" in text and "allow.txt:2" in text and "not-an-ip" in text
     assert "$.ip.allow_files[1]" in text and "missing.txt" in text
+
+
+# -- limits and CIDRs: fastgate.types' Limit and Cidr, nothing the core refuses later --------
+
+
+def test_cidr_host_bits_are_cleared_and_the_core_compiles_the_result():
+    # Was: `check-config` said ok, then every worker died in CidrSet.compile ("has host bits
+    # set") and the master restarted them forever. Now it is the network it means (as nginx
+    # reads "10.0.0.1/8", and as the admin API stores a key's CIDRs).
+    from fastgate import core
+
+    c = build_config({"ip": {"deny": ["10.0.0.1/8", "2001:DB8::1/32"], "trusted_proxies": ["10.0.0.1"]}}, "gw.toml")
+    assert c.ip.deny == ["10.0.0.0/8", "2001:db8::/32"] and c.ip.trusted_proxies == ["10.0.0.1/32"]
+    core.CidrSet.compile(c.ip.deny, "ip.deny")
+    core.CidrSet.compile(c.ip.trusted_proxies, "ip.trusted_proxies")
+
+
+@pytest.mark.parametrize("cidr", [
+    "fe80::1%eth0",        # a zone id: accepted here before, then refused by the core in every worker
+    " 10.0.0.1",           # spaces and the netmask form: tighter than before, for one grammar everywhere
+    "10.0.0.0/255.0.0.0",
+])
+def test_cidrs_outside_the_shared_grammar(cidr):
+    path, msg = only_problem({"ip": {"allow": [cidr]}})
+    assert path == "$.ip.allow[0]"
+    assert msg == f"expected an IPv4 or IPv6 address or CIDR like 10.0.0.0/8 or 2001:db8::/32, found {cidr!r}"
+
+
+@pytest.mark.parametrize("limits, where, msg", [
+    # each refused by the core when a worker compiled the plan, after check-config said ok
+    (["1/second", "2/second"], "[1]", "a second limit is already set at {field}[0] (at most one limit per window)"),
+    (["50000000000/month"], "[0]", "Expected `str` of length <= 16"),
+    (["1000000000/month"], "[0]", "expected N/second|minute|hour|day|month with N 1..999999999, "
+                                  "found '1000000000/month'"),
+    # tighter than before, for one grammar everywhere (the admin API never took these)
+    (["10 / second"], "[0]", "expected N/second|minute|hour|day|month with N 1..999999999, found '10 / second'"),
+    (["010/second"], "[0]", "found '010/second'"),
+    (["1/second"] * 6, "", "Expected `array` of length <= 5"),
+])
+def test_limits_outside_the_shared_grammar(limits, where, msg):
+    for raw, path in (({"plans": {"p": {"limits": limits}}}, "$.plans.p.limits"),
+                      ({"upstreams": [UP], "routes": [route(ip_limits=limits)]}, "$.routes[0].ip_limits")):
+        p, m = only_problem(raw)
+        assert p == path + where and msg.format(field=path.rsplit(".", 1)[1]) in m, (p, m)
+
+
+def test_failed_auth_limit_is_a_limit_or_off():
+    assert build_config({"keys": {"failed_auth_limit": "off"}}, "gw.toml").keys.failed_auth_limit == "off"
+    path, msg = only_problem({"keys": {"failed_auth_limit": "10 per minute"}})
+    assert (path, msg) == ("$.keys.failed_auth_limit",
+                           "expected N/second|minute|hour|day|month with N 1..999999999, found '10 per minute'")
+
+
+def test_every_bad_entry_of_a_list_is_reported():
+    # msgspec stops at the first bad item; the loader goes on item by item
+    problems = problems_of({"ip": {"deny": ["fe80::1%eth0", "10.0.0.0/8", "", 5, "x.y"]}})
+    assert problems == [
+        ("$.ip.deny[0]", "expected an IPv4 or IPv6 address or CIDR like 10.0.0.0/8 or 2001:db8::/32, "
+                         "found 'fe80::1%eth0'"),
+        ("$.ip.deny[2]", "Expected `str` of length >= 2"),
+        ("$.ip.deny[3]", "Expected `str`, got `int`"),
+        ("$.ip.deny[4]", "expected an IPv4 or IPv6 address or CIDR like 10.0.0.0/8 or 2001:db8::/32, found 'x.y'"),
+    ]
+
+
+def test_plan_names_follow_the_rule_keys_name_them_with():
+    problems = problems_of({"plans": {"ok": {}, "a\nb": {}, " gold": {}, 7: {}}})
+    assert problems == [
+        ("$.plans", "plan name 'a\\nb': control characters are not allowed, found U+000A (a newline) at index 1"),
+        ("$.plans", "plan name ' gold': expected a name that is not blank and does not start with a space, "
+                    "found ' gold'"),
+        ("$.plans", "plan name 7: expected a string, found int"),  # YAML `7:`; the workers' decode refused it
+    ]
+
+
+def test_ip_file_entries_follow_the_same_grammar(tmp_path):
+    (tmp_path / "deny.txt").write_text("10.0.0.1/8\nfe80::1%eth0\n")
+    (tmp_path / "gw.toml").write_text('[ip]\ndeny_files = ["deny.txt"]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(tmp_path / "gw.toml"))
+    assert exc.value.problems == [("$.ip.deny_files[0]", f"{tmp_path / 'deny.txt'}:2: expected an IPv4 or IPv6 "
+                                   "address or CIDR like 10.0.0.0/8 or 2001:db8::/32, found 'fe80::1%eth0'")]
+
+
+def test_what_the_config_accepts_the_core_compiles():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from fastgate import core
+    from fastgate.types import CIDR_PATTERN, LIMIT_PATTERN
+
+    near = st.sampled_from(["", " ", "0", "/", "%eth0", "/33", "\n", "::", ".0"])
+    cidr = st.one_of(st.from_regex(CIDR_PATTERN, fullmatch=True), st.text(max_size=12),
+                     st.tuples(st.from_regex(CIDR_PATTERN, fullmatch=True), near).map("".join))
+    limit = st.one_of(st.from_regex(LIMIT_PATTERN, fullmatch=True), st.text(max_size=12),
+                      st.tuples(st.sampled_from(["0", "00", " ", "4294967295"]),
+                                st.from_regex(LIMIT_PATTERN, fullmatch=True)).map("".join))
+
+    @settings(max_examples=300, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.lists(cidr, max_size=4), st.lists(limit, max_size=3))
+    def check(cidrs, limits):
+        try:
+            c = build_config({"ip": {"deny": cidrs}, "plans": {"p": {"limits": limits}}}, "gw.toml")
+        except ConfigError:
+            return
+        core.CidrSet.compile(c.ip.deny, "ip.deny")
+        core.compile_limits(c.plans["p"].limits, "plans.p.limits")
+        assert c.ip.deny == [str(__import__("ipaddress").ip_network(x, strict=False)) for x in cidrs]
+
+    check()
+
+
+def test_parse_limit_stays_the_workers_reader():
+    from fastgate import config
+
+    assert config.parse_limit("10/second") == (10, "second")
+    assert config.parse_limit(" 10 / second") == (10, "second")  # a key stored before the rule
+    assert config.LIMIT_UNITS == ("second", "minute", "hour", "day", "month")

@@ -197,6 +197,55 @@ def test_create_validates(store):
     assert store.count() == 0 and store.audit() == []
 
 
+def test_records_follow_the_admin_api_types(store):
+    """The store checks a record with the field types the admin API decodes its bodies with
+    (fastgate.types), so it holds nothing the API would refuse and nothing the core cannot
+    compile when the next start loads every key."""
+    _, rec = new_key(store)
+    for field, bad, msg in [
+        ("scopes", ["GET /x", "get /y"], "scopes[1]: expected 'METHOD[,METHOD] /path'"),
+        ("scopes", [f"GET /{i}" for i in range(257)], "scopes: Expected `array` of length <= 256"),
+        ("allow_cidrs", ["10.0.0.0/33"], "allow_cidrs[0]: expected an IPv4 or IPv6 address or CIDR"),
+        ("deny_cidrs", ["fe80::1%eth0"], "deny_cidrs[0]: expected an IPv4 or IPv6 address"),
+        ("limits", ["1/second", "2/second"], "limits[1]: a second limit is already set at limits[0]"),
+        ("limits", ["10 / second"], "limits[0]: expected N/second|minute|hour|day|month"),
+        ("name", "x" * 201, "name: Expected `str` of length <= 200"),
+        ("metadata", {f"k{i}": i for i in range(33)}, "metadata: Expected `object` of length <= 32"),
+        ("metadata", {"a": {"b": {"c": 1}}}, "metadata[...][...]: Expected"),
+    ]:
+        with pytest.raises(InvalidValue) as exc:
+            store.create(msgspec.structs.replace(rec, **{field: bad}), "admin")
+        assert str(exc.value).startswith(msg), (field, str(exc.value))
+    assert store.count() == 0 and store.audit() == []
+    # every problem of a field at once; the stored form is the canonical one
+    with pytest.raises(InvalidValue) as exc:
+        store.create(msgspec.structs.replace(rec, allow_cidrs=["x.y", "10.0.0.0/8", "nope"]), "admin")
+    assert [p.split(":")[0] for p in str(exc.value).split("; ")] == ["allow_cidrs[0]", "allow_cidrs[2]"]
+    out = store.create(msgspec.structs.replace(rec, allow_cidrs=["10.1.2.3/8", "::1"]), "admin")
+    assert out.allow_cidrs == ["10.0.0.0/8", "::1/128"] and store.get(rec.id).allow_cidrs == out.allow_cidrs
+    with pytest.raises(InvalidValue, match=r"^deny_cidrs\[0\]: expected"):
+        store.update(rec.id, {"deny_cidrs": ["10.0.0.0/33"]}, "admin")
+    assert store.update(rec.id, {"deny_cidrs": ["10.0.0.9/24"]}, "admin").deny_cidrs == ["10.0.0.0/24"]
+
+
+def test_bulk_import_checks_every_record(store):
+    good = [new_key(store)[1] for _ in range(5)]
+    _, bad = new_key(store, scopes=["GET /x/*", "GET x"])
+    with pytest.raises(InvalidValue) as exc:
+        store.bulk_import([*good, bad], "migration", batch=2)
+    assert str(exc.value) == (f"bulk import: record {bad.id!r}: scopes[1]: expected 'METHOD[,METHOD] /path' (methods "
+                              "in capitals, or '*'; one space; the path starts with '/', has no spaces, and '*' only "
+                              "at its end), found 'GET x'; nothing was imported")
+    _, stale = new_key(store)
+    with pytest.raises(InvalidValue, match="created_at: expected an RFC 3339 timestamp"):
+        store.bulk_import([msgspec.structs.replace(stale, created_at="yesterday")], "migration")
+    assert store.count() == 0 and store.audit() == [] and store.verify_audit() == (True, [], 0)
+    _, cidr = new_key(store, allow_cidrs=["10.1.2.3/8"], created_at="2020-01-01T01:00:00+01:00")
+    assert store.bulk_import([*good, cidr], "migration") == 6
+    got = store.get(cidr.id)
+    assert got.allow_cidrs == ["10.0.0.0/8"] and got.created_at == "2020-01-01T00:00:00.000Z"
+
+
 def test_failed_write_changes_nothing(store, tmp_path):
     _, rec = new_key(store)
     store.create(rec, "admin")
@@ -243,7 +292,8 @@ def test_full_disk_read_only_and_locked_are_store_unavailable(store, monkeypatch
     # SQLite itself full (SQLITE_FULL): the database may not grow by a page
     pages = store._c.execute("PRAGMA page_count").fetchone()[0]
     store._c.execute(f"PRAGMA max_page_count = {pages}")
-    big = msgspec.structs.replace(new_key(store)[1], metadata={f"k{i}": "v" * 200 for i in range(500)})
+    # (a valid record: the store refuses one the admin API could not have sent)
+    big = msgspec.structs.replace(new_key(store)[1], scopes=[f"GET /{i}/{'x' * 1000}" for i in range(256)])
     with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
         store.create(big, "admin")
     store._c.execute("PRAGMA max_page_count = 4294967294")
