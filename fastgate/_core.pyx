@@ -19,6 +19,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, calloc, realloc, free
 from posix.unistd cimport getpid, _exit
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 
 import mmap
@@ -322,8 +323,12 @@ cdef bint _pid_running(int64_t pid):
         return True
 
 # ------------------------------------------------------------------ Arena
+#
+# Every cdef class here is final: their cdef methods are then called
+# directly (and inlined where declared so), not through a vtable.
 
 
+@cython.final
 cdef class Arena:
     """The shared segment. Create in the master before forking workers."""
 
@@ -631,6 +636,7 @@ cdef inline int _peer(const uint8_t *p, Py_ssize_t n, uint32_t *v4, uint64_t *hi
     return 6
 
 
+@cython.final
 cdef class CidrSet:
     """IPv4/IPv6 ranges, sorted and merged, in worker-local C arrays."""
 
@@ -751,6 +757,7 @@ cdef inline void _w_end(Record *r) noexcept nogil:
     fg_store32_rel(&r.seq, (fg_load32_rlx(&r.seq) | 1) + 1)
 
 
+@cython.final
 cdef class KeyTable:
     """Digest -> key record. Readers: every process; writer: the arena's writer_pid."""
 
@@ -1604,6 +1611,7 @@ cdef inline bint _expired(RateEntry *e, const uint32_t *ep) noexcept nogil:
     return True
 
 
+@cython.final
 cdef class Admission:
     """What RateTable.admit() decided, filled in place: make one per worker and
     pass it to every admit() (no allocation per request).
@@ -1696,6 +1704,7 @@ cdef class Admission:
                 f"reset_ms={self._reset_ms}, retry_after_ms={self._retry_after_ms})")
 
 
+@cython.final
 cdef class RateTable:
     """Sliding-window counters in the arena, shared by every process.
 
