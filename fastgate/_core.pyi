@@ -1,12 +1,14 @@
 """Typing stub for fastgate._core (and its twin fastgate._core_py).
 
-Per request the Python side makes at most three calls, ints/bytes in, one
-int out:  CidrSet.contains -> KeyTable.check_key -> RateTable.hit_key/hit.
+Per request the Python side makes one call for a keyed request, ints/bytes
+in, one int out: RateTable.admit (key checks + the key's rate limits, result
+in a reused Admission), plus CidrSet.contains / RateTable.hit for the global
+IP rules and per-IP limits. check_key + hit_key remain for other callers.
 Expected outcomes are the negative return codes; CoreError is raised only on
 the cold path (bad config input, layout mismatch, full table, wrong process).
 """
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 LAYOUT_VERSION: int
 NO_SUCH_KEY: int  # -1  unknown digest (or a rotated-out digest past its grace)
@@ -29,6 +31,14 @@ def addr_subject(packed: bytes, v6_prefix: int = 64) -> int:
     """Rate subject of a client address (pack_ip form): IPv4 and ::ffff:a.b.c.d per address,
     IPv6 per /v6_prefix (1..64; finer would give one host 2**64 subjects), else SUBJECT_UNKNOWN.
     Injective per family and prefix; placement is salted inside the table."""
+
+CROSSINGS: tuple[str, ...]  # every entry point: "KeyTable.check_key", "Admission.rate", ... (not constructors)
+COUNTS_CROSSINGS: bool  # the twin: True; the compiled core: only when built with FASTGATE_DEBUG=1
+
+def crossings() -> dict[str, int]:
+    """Calls into the core per entry point since reset_crossings(), in this process (a forked
+    child starts with its parent's counts); zero counts left out; {} if not COUNTS_CROSSINGS."""
+def reset_crossings() -> None: ...
 
 def _set_crash_hook(point: int) -> None:
     """TEST ONLY: 1 = the next put() in this process _exit(70)s inside its write section."""
@@ -79,7 +89,9 @@ class Arena:
 class KeyTable:
     """Keyed-digest -> key record. Any process reads; only arena.writer_pid writes."""
 
-    last_plan: int  # plan_id of the key of the last successful check in this process
+    @property
+    def last_plan(self) -> int:
+        """plan_id of the key of the last successful check in this process."""
 
     def __init__(self, arena: Arena, secret: bytes | None = None) -> None:
         """secret: the server secret (1..64 bytes) of the keyed BLAKE2b-256 digest."""
@@ -106,6 +118,7 @@ class KeyTable:
     ) -> None:
         """Insert or replace key_index. scopes: "GET /orders/*" (segment), "GET /orders" (exact),
         "GET /orders*" (prefix), "* /x", "GET,POST /x". limits: "5/second".. "N/month".
+        plan_id: plan_id(plan name) (0 = no plan), which admit() maps to a policy (set_plans).
         expires_ms 0 = never, else 1..2**63-1 (an instant at or before the epoch: pass 1);
         anything else is a CoreError raised before the record is touched.
         flags: FLAG_DISABLED | FLAG_REVOKED. `where` prefixes error paths. Putting a key into an
@@ -131,13 +144,51 @@ class KeyTable:
     def stats(self) -> dict[str, int]:
         """capacity, live, digests, slots, tombstones (rebuilt past slots/8), rebuilds, ..."""
 
+class Admission:
+    """What RateTable.admit() decided, filled in place: one per worker, reused per request.
+    Read-only fields (each read is one crossing):"""
+
+    def __init__(self) -> None: ...
+    @property
+    def index(self) -> int:
+        """Key index >= 0 if the key passed its checks (also when then rate-limited), else its code."""
+    @property
+    def generation(self) -> int:
+        """The record's generation from the same snapshot as the checks; 0 if the key failed."""
+    @property
+    def plan_id(self) -> int:
+        """The record's plan_id; 0 if the key failed."""
+    @property
+    def policy(self) -> int:
+        """Policy id whose windows the key's own limits replaced; -1: none, or the key failed."""
+    @property
+    def rate(self) -> int:
+        """hit_key()'s answer: remaining >= 0, RATE_LIMITED or UNLIMITED; the key's code if it failed."""
+    @property
+    def limit(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_ms(self) -> int: ...
+    @property
+    def retry_after_ms(self) -> int:
+        """limit .. retry_after_ms: as RateTable's after hit_key(); all 0 if the key failed."""
+
 class RateTable:
     """Sliding-window counters shared by every process (exact admission via CAS)."""
 
-    limit: int  # of the last hit: the binding window's limit
-    remaining: int  # requests left in that window after this hit (0 when refused)
-    reset_ms: int  # ms until that window ends
-    retry_after_ms: int  # when refused: ms until this request would be admitted; else 0
+    @property
+    def limit(self) -> int:
+        """Of the last hit: the binding window's limit."""
+    @property
+    def remaining(self) -> int:
+        """Requests left in that window after this hit (0 when refused)."""
+    @property
+    def reset_ms(self) -> int:
+        """ms until that window ends."""
+    @property
+    def retry_after_ms(self) -> int:
+        """When refused: ms until this request would be admitted; else 0."""
 
     def __init__(self, arena: Arena) -> None: ...
     def policy(self, name: str, limits: Sequence[str | tuple[int, str]], where: str = "limits", *,
@@ -154,13 +205,27 @@ class RateTable:
     def hit_key(self, policy_id: int, keys: KeyTable, key_index: int, now_ms: int, cost: int = 1) -> int:
         """The key's own entry (by index: never full), its own limits replacing the policy's
         window by window. Returns remaining >= 0, RATE_LIMITED or UNLIMITED."""
+    def set_plans(self, plans: Mapping[str, int], where: str = "plans") -> None:
+        """Which policy admit() applies, by the record's plan_id: {plan name: policy id of this
+        table}; "" names the fallback for no plan / a plan not listed (absent: the key's own
+        limits only). Replaces the previous table (once per config). CoreError on an unknown
+        policy id or two names with one plan_id (located at `where`)."""
+    def admit(self, keys: KeyTable, key: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int,
+              out: Admission, cost: int = 1) -> int:
+        """Steps 5-7 in one call: exactly check_key(key, method_bit, path, peer, now_ms), then, if
+        that passed, hit_key(<policy of the record's plan_id>, keys, index, now_ms, cost) from the
+        same record snapshot. Fills out; leaves this table's limit/remaining/reset_ms/
+        retry_after_ms as hit_key() would (untouched if the key failed). Returns the key index
+        >= 0 if admitted, else the key's negative code (KEY_*, NO_SUCH_KEY, SCOPE_DENIED, ...)
+        or RATE_LIMITED (then out.index is the key index)."""
     def stats(self) -> dict[str, int]:
         """capacity/used (refuse region), auth_capacity/auth_used, key_capacity, reclaimed, evicted."""
 
 class CidrSet:
     """Worker-local sorted merged ranges; O(log n) per lookup."""
 
-    where: str
+    @property
+    def where(self) -> str: ...
 
     @staticmethod
     def compile(cidrs: Sequence[str], where: str = "cidrs") -> CidrSet:

@@ -15,10 +15,11 @@ Cold-path parsing and its error messages live in _core_py (shared with the
 pure-Python twin), so the two cannot disagree on what a config means.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memcmp, memcpy, memset
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from posix.unistd cimport getpid, _exit
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 
 import mmap
@@ -53,7 +54,102 @@ cdef extern from "fg_hash.h" nogil:
     uint32_t fg_crc32(const uint8_t *p, size_t n)
     uint64_t fg_sip24_2w(uint64_t k0, uint64_t k1, uint64_t m0, uint64_t m1)
 
+cdef extern from "fg_debug.h" nogil:
+    const int FG_NCROSS
+    const int FG_COUNTS_CROSSINGS
+    void FG_CROSS(int i)
+    uint64_t fg_cross_get(int i)
+    void fg_cross_reset()
+
 fg_crc32_init()
+
+# ------------------------------------------------------------------ crossing counters
+#
+# Each entry point below starts with FG_CROSS(X_...): a per-process count in a
+# FASTGATE_DEBUG build, nothing at all (not even a load of the index) in the
+# normal one. The names and their order are _core_py.CROSSINGS.
+
+CROSSINGS = _py.CROSSINGS
+COUNTS_CROSSINGS = bool(FG_COUNTS_CROSSINGS)
+if len(CROSSINGS) > FG_NCROSS:
+    raise ImportError(f"fastgate._core: {len(CROSSINGS)} crossing names, room for {FG_NCROSS} (fg_debug.h)")
+
+
+def crossings():
+    """Calls into the core by entry point since the last reset_crossings(), in this
+    process, left out when 0; always {} unless built with FASTGATE_DEBUG."""
+    cdef int i
+    cdef uint64_t n
+    out = {}
+    if FG_COUNTS_CROSSINGS:
+        for i in range(len(CROSSINGS)):
+            n = fg_cross_get(i)
+            if n:
+                out[CROSSINGS[i]] = n
+    return out
+
+
+def reset_crossings():
+    fg_cross_reset()
+
+
+cdef int X_ADDR_SUBJECT = CROSSINGS.index("addr_subject")
+cdef int X_ARENA_CREATE = CROSSINGS.index("Arena.create")
+cdef int X_ARENA_ATTACH = CROSSINGS.index("Arena.attach")
+cdef int X_ARENA_SIZE = CROSSINGS.index("Arena.size")
+cdef int X_ARENA_KEY_CAPACITY = CROSSINGS.index("Arena.key_capacity")
+cdef int X_ARENA_RATE_CAPACITY = CROSSINGS.index("Arena.rate_capacity")
+cdef int X_ARENA_AUTH_CAPACITY = CROSSINGS.index("Arena.auth_capacity")
+cdef int X_ARENA_PATH = CROSSINGS.index("Arena.path")
+cdef int X_ARENA_WRITER_PID = CROSSINGS.index("Arena.writer_pid")
+cdef int X_ARENA_HEADER = CROSSINGS.index("Arena.header")
+cdef int X_ARENA_SET_WRITER = CROSSINGS.index("Arena.set_writer")
+cdef int X_ARENA_REPAIR_DEAD_WRITER = CROSSINGS.index("Arena.repair_dead_writer")
+cdef int X_ARENA_RECOVER = CROSSINGS.index("Arena.recover")
+cdef int X_ARENA_UNLINK = CROSSINGS.index("Arena.unlink")
+cdef int X_KEYTABLE_CAPACITY = CROSSINGS.index("KeyTable.capacity")
+cdef int X_KEYTABLE_LAST_PLAN = CROSSINGS.index("KeyTable.last_plan")
+cdef int X_KEYTABLE_SET_SECRET = CROSSINGS.index("KeyTable.set_secret")
+cdef int X_KEYTABLE_DIGEST = CROSSINGS.index("KeyTable.digest")
+cdef int X_KEYTABLE_CHECK_KEY = CROSSINGS.index("KeyTable.check_key")
+cdef int X_KEYTABLE_CHECK = CROSSINGS.index("KeyTable.check")
+cdef int X_KEYTABLE_ALLOCATE = CROSSINGS.index("KeyTable.allocate")
+cdef int X_KEYTABLE_PUT = CROSSINGS.index("KeyTable.put")
+cdef int X_KEYTABLE_ROTATE = CROSSINGS.index("KeyTable.rotate")
+cdef int X_KEYTABLE_REVOKE = CROSSINGS.index("KeyTable.revoke")
+cdef int X_KEYTABLE_SET_DISABLED = CROSSINGS.index("KeyTable.set_disabled")
+cdef int X_KEYTABLE_DELETE = CROSSINGS.index("KeyTable.delete")
+cdef int X_KEYTABLE_SWEEP = CROSSINGS.index("KeyTable.sweep")
+cdef int X_KEYTABLE_INFO = CROSSINGS.index("KeyTable.info")
+cdef int X_KEYTABLE_META = CROSSINGS.index("KeyTable.meta")
+cdef int X_KEYTABLE_GENERATION = CROSSINGS.index("KeyTable.generation")
+cdef int X_KEYTABLE_PROBES = CROSSINGS.index("KeyTable.probes")
+cdef int X_KEYTABLE_LEN = CROSSINGS.index("KeyTable.__len__")
+cdef int X_KEYTABLE_STATS = CROSSINGS.index("KeyTable.stats")
+cdef int X_RATETABLE_POLICY = CROSSINGS.index("RateTable.policy")
+cdef int X_RATETABLE_SET_PLANS = CROSSINGS.index("RateTable.set_plans")
+cdef int X_RATETABLE_HIT = CROSSINGS.index("RateTable.hit")
+cdef int X_RATETABLE_HIT_KEY = CROSSINGS.index("RateTable.hit_key")
+cdef int X_RATETABLE_ADMIT = CROSSINGS.index("RateTable.admit")
+cdef int X_RATETABLE_STATS = CROSSINGS.index("RateTable.stats")
+cdef int X_RATETABLE_LIMIT = CROSSINGS.index("RateTable.limit")
+cdef int X_RATETABLE_REMAINING = CROSSINGS.index("RateTable.remaining")
+cdef int X_RATETABLE_RESET_MS = CROSSINGS.index("RateTable.reset_ms")
+cdef int X_RATETABLE_RETRY_AFTER_MS = CROSSINGS.index("RateTable.retry_after_ms")
+cdef int X_ADMISSION_INDEX = CROSSINGS.index("Admission.index")
+cdef int X_ADMISSION_GENERATION = CROSSINGS.index("Admission.generation")
+cdef int X_ADMISSION_PLAN_ID = CROSSINGS.index("Admission.plan_id")
+cdef int X_ADMISSION_POLICY = CROSSINGS.index("Admission.policy")
+cdef int X_ADMISSION_RATE = CROSSINGS.index("Admission.rate")
+cdef int X_ADMISSION_LIMIT = CROSSINGS.index("Admission.limit")
+cdef int X_ADMISSION_REMAINING = CROSSINGS.index("Admission.remaining")
+cdef int X_ADMISSION_RESET_MS = CROSSINGS.index("Admission.reset_ms")
+cdef int X_ADMISSION_RETRY_AFTER_MS = CROSSINGS.index("Admission.retry_after_ms")
+cdef int X_CIDRSET_COMPILE = CROSSINGS.index("CidrSet.compile")
+cdef int X_CIDRSET_CONTAINS = CROSSINGS.index("CidrSet.contains")
+cdef int X_CIDRSET_LEN = CROSSINGS.index("CidrSet.__len__")
+cdef int X_CIDRSET_RANGES = CROSSINGS.index("CidrSet.ranges")
+cdef int X_CIDRSET_WHERE = CROSSINGS.index("CidrSet.where")
 
 # ------------------------------------------------------------------ constants
 
@@ -227,8 +323,12 @@ cdef bint _pid_running(int64_t pid):
         return True
 
 # ------------------------------------------------------------------ Arena
+#
+# Every cdef class here is final: their cdef methods are then called
+# directly (and inlined where declared so), not through a vtable.
 
 
+@cython.final
 cdef class Arena:
     """The shared segment. Create in the master before forking workers."""
 
@@ -286,6 +386,7 @@ cdef class Arena:
         key_capacity: keys (each gets its own rate entry); rate_capacity: address
         subjects of "refuse" policies (ip_limits); auth_capacity (default
         rate_capacity): address subjects of "evict" policies (failed auth)."""
+        FG_CROSS(X_ARENA_CREATE)
         lay = _py.layout(key_capacity, rate_capacity, ext_bytes, auth_capacity)
         mm = _py.map_segment(lay["size"], path)
         _py.write_header(mm, lay, os.getpid(), secrets.token_bytes(16))
@@ -297,6 +398,7 @@ cdef class Arena:
     @staticmethod
     def attach(path):
         """Map an existing /dev/shm arena by path; validates magic, version and layout."""
+        FG_CROSS(X_ARENA_ATTACH)
         mm = _py.open_segment(path)
         h = _py.read_header(mm, repr(path))
         cdef Arena a = Arena._wrap(mm, path, False)
@@ -307,29 +409,36 @@ cdef class Arena:
 
     @property
     def size(self):
+        FG_CROSS(X_ARENA_SIZE)
         return self.hdr.size
 
     @property
     def key_capacity(self):
+        FG_CROSS(X_ARENA_KEY_CAPACITY)
         return self.key_cap
 
     @property
     def rate_capacity(self):
+        FG_CROSS(X_ARENA_RATE_CAPACITY)
         return self.rate_cap
 
     @property
     def auth_capacity(self):
+        FG_CROSS(X_ARENA_AUTH_CAPACITY)
         return self.auth_cap
 
     @property
     def path(self):
+        FG_CROSS(X_ARENA_PATH)
         return self._path
 
     @property
     def writer_pid(self):
+        FG_CROSS(X_ARENA_WRITER_PID)
         return self.hdr.writer_pid
 
     def header(self):
+        FG_CROSS(X_ARENA_HEADER)
         h = _py.read_header(self._mm, "in memory")
         return h
 
@@ -342,6 +451,7 @@ cdef class Arena:
         journal armed: unless that writer is still running, the record is put
         back as it was before the section (normalised) right here, so readers
         stop answering KEY_BUSY for it now, not at the new writer's first write."""
+        FG_CROSS(X_ARENA_SET_WRITER)
         if getpid() != self._creator_pid:
             self._require_writer()
         cdef int64_t jpid = self.hdr.jpid
@@ -355,6 +465,7 @@ cdef class Arena:
         would) and return its key index, so the new writer can re-apply the
         store's state for it (the store may have committed the change that was
         being written); -1 if there was none. Creator only."""
+        FG_CROSS(X_ARENA_REPAIR_DEAD_WRITER)
         if getpid() != self._creator_pid:
             raise CoreError("only the process that created the arena may repair it")
         cdef int64_t jpid = self.hdr.jpid
@@ -368,6 +479,7 @@ cdef class Arena:
     def recover(self):
         """Normalise a record a dead writer left mid-write (what set_writer and every
         writer operation do first); True if there was one. Writer or creator only."""
+        FG_CROSS(X_ARENA_RECOVER)
         if getpid() != self._creator_pid:
             self._require_writer()
         if not self.hdr.jarmed:
@@ -412,6 +524,7 @@ cdef class Arena:
         return <uint64_t *>(self.base + fg_load64_acq(&self.hdr.slot_cur))
 
     def unlink(self):
+        FG_CROSS(X_ARENA_UNLINK)
         if not self._owner:
             raise CoreError("only the process that created the arena may unlink it")
         if self._path is not None:
@@ -523,14 +636,15 @@ cdef inline int _peer(const uint8_t *p, Py_ssize_t n, uint32_t *v4, uint64_t *hi
     return 6
 
 
+@cython.final
 cdef class CidrSet:
     """IPv4/IPv6 ranges, sorted and merged, in worker-local C arrays."""
 
     cdef uint32_t *v4
     cdef uint64_t *v6
-    cdef readonly uint32_t n4
-    cdef readonly uint32_t n6
-    cdef readonly object where
+    cdef uint32_t n4
+    cdef uint32_t n6
+    cdef object _where
 
     def __cinit__(self):
         self.v4 = NULL
@@ -545,10 +659,11 @@ cdef class CidrSet:
 
     @staticmethod
     def compile(cidrs, where="cidrs"):
+        FG_CROSS(X_CIDRSET_COMPILE)
         r4, r6 = _py.compile_cidrs(cidrs, where)
         cdef CidrSet s = CidrSet.__new__(CidrSet)
         cdef Py_ssize_t i
-        s.where = where
+        s._where = where
         s.n4 = len(r4)
         s.n6 = len(r6)
         s.v4 = <uint32_t *>malloc(8 * s.n4 + 8)
@@ -567,6 +682,7 @@ cdef class CidrSet:
 
     def contains(self, bytes peer not None):
         """peer: 4 or 16 packed bytes; ::ffff:a.b.c.d is matched as a.b.c.d."""
+        FG_CROSS(X_CIDRSET_CONTAINS)
         cdef uint32_t x4 = 0
         cdef uint64_t xh = 0, xl = 0
         cdef int v = _peer(<const uint8_t *>PyBytes_AS_STRING(peer), PyBytes_GET_SIZE(peer), &x4, &xh, &xl)
@@ -576,11 +692,18 @@ cdef class CidrSet:
             return _in6(self.v6, self.n6, xh, xl)
         return False
 
+    @property
+    def where(self):
+        FG_CROSS(X_CIDRSET_WHERE)
+        return self._where
+
     def __len__(self):
+        FG_CROSS(X_CIDRSET_LEN)
         return self.n4 + self.n6
 
     @property
     def ranges(self):
+        FG_CROSS(X_CIDRSET_RANGES)
         return (self.n4, self.n6)
 
 
@@ -634,6 +757,7 @@ cdef inline void _w_end(Record *r) noexcept nogil:
     fg_store32_rel(&r.seq, (fg_load32_rlx(&r.seq) | 1) + 1)
 
 
+@cython.final
 cdef class KeyTable:
     """Digest -> key record. Readers: every process; writer: the arena's writer_pid."""
 
@@ -648,8 +772,10 @@ cdef class KeyTable:
     cdef fg_b2_state b2
     cdef bint has_secret
     cdef bytes _secret
-    cdef readonly int64_t last_plan
+    # the last successful check in this process, from one snapshot of its record
+    cdef int64_t _last_plan
     cdef int64_t last_index
+    cdef uint64_t last_gen
     cdef uint32_t last_limits[N_WIN]
 
     def __init__(self, Arena arena not None, secret=None):
@@ -662,17 +788,29 @@ cdef class KeyTable:
         self.cap = arena.key_cap
         self.ext_bytes = arena.ext_bytes
         self.has_secret = False
-        self.last_plan = 0
+        self._last_plan = 0
         self.last_index = -1
+        self.last_gen = 0
         memset(self.last_limits, 0, sizeof(self.last_limits))
         if secret is not None:
-            self.set_secret(secret)
+            self._set_secret(secret)
 
     @property
     def capacity(self):
+        FG_CROSS(X_KEYTABLE_CAPACITY)
         return self.cap
 
+    @property
+    def last_plan(self):
+        """plan_id of the key of the last successful check in this process."""
+        FG_CROSS(X_KEYTABLE_LAST_PLAN)
+        return self._last_plan
+
     def set_secret(self, secret):
+        FG_CROSS(X_KEYTABLE_SET_SECRET)
+        self._set_secret(secret)
+
+    cdef _set_secret(self, secret):
         cdef bytes s = _py._check_secret(secret)
         fg_b2_init_keyed(&self.b2, <const uint8_t *>PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
         self._secret = s
@@ -680,6 +818,7 @@ cdef class KeyTable:
 
     def digest(self, bytes key not None):
         """Keyed BLAKE2b-256 of key: equals _core_py.key_digest(secret, key)."""
+        FG_CROSS(X_KEYTABLE_DIGEST)
         cdef uint8_t out[32]
         if not self.has_secret:
             raise CoreError("no server secret set: pass secret= to KeyTable or call set_secret()")
@@ -692,16 +831,21 @@ cdef class KeyTable:
 
     def check_key(self, bytes key not None, int method_bit, bytes path not None, bytes peer not None, int64_t now_ms):
         """Format + checksum, keyed digest, then check(): key index >= 0 or a negative code."""
+        FG_CROSS(X_KEYTABLE_CHECK_KEY)
+        return self._check_key(key, method_bit, path, peer, now_ms)
+
+    cdef inline int64_t _check_key(self, bytes key, int mbit, bytes path, bytes peer, int64_t now) noexcept:
         cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
         cdef uint8_t d[32]
         if not self.has_secret or not _well_formed(k, n):
             return C_KEY_MALFORMED
         fg_b2_digest(&self.b2, k, n, d)
-        return self._check(d, method_bit, path, peer, now_ms)
+        return self._check(d, mbit, path, peer, now)
 
     def check(self, bytes digest not None, int method_bit, bytes path not None, bytes peer not None, int64_t now_ms):
         """Lookup + revoked/disabled + validity window + scope + per-key CIDRs."""
+        FG_CROSS(X_KEYTABLE_CHECK)
         if PyBytes_GET_SIZE(digest) != 32:
             return C_NO_SUCH_KEY
         return self._check(<const uint8_t *>PyBytes_AS_STRING(digest), method_bit, path, peer, now_ms)
@@ -755,7 +899,7 @@ cdef class KeyTable:
         cdef uint32_t s1, s2, flags, plan = 0
         cdef uint32_t lim[N_WIN]
         cdef int64_t res, expires, deadline = 0, t
-        cdef uint64_t spins = 0, eoff, elen
+        cdef uint64_t spins = 0, eoff, elen, gen = 0
         while True:
             # seqlock read side: acquire load of seq, relaxed atomic loads of
             # the fields (possibly torn, each read exactly once), acquire
@@ -782,6 +926,7 @@ cdef class KeyTable:
                         res = C_KEY_EXPIRED
                     else:
                         plan = fg_load32_rlx(&rec.plan_id)
+                        gen = fg_load64_rlx(&rec.gen)
                         eoff = fg_load64_rlx(&rec.ext_off)
                         elen = fg_load32_rlx(&rec.ext_len)
                         if eoff == 0:
@@ -796,8 +941,9 @@ cdef class KeyTable:
                 s2 = fg_load32_rlx(&rec.seq)
                 if s1 == s2:
                     if res >= 0:
-                        self.last_plan = plan
+                        self._last_plan = plan
                         self.last_index = <int64_t>k
+                        self.last_gen = gen
                         memcpy(self.last_limits, lim, sizeof(lim))
                     return res
             # mid-write: wait by time, not by a spin count (a few hundred us at
@@ -976,6 +1122,7 @@ cdef class KeyTable:
 
     def allocate(self):
         """A free key index (cold; writer). Raises CoreError when the table is full."""
+        FG_CROSS(X_KEYTABLE_ALLOCATE)
         self.arena._require_writer()
         cdef uint64_t n, i = self.hdr.alloc_hint % self.cap
         for n in range(self.cap):
@@ -993,6 +1140,7 @@ cdef class KeyTable:
 
         Every argument is converted and checked before the record's write
         section begins: nothing inside it can raise."""
+        FG_CROSS(X_KEYTABLE_PUT)
         self.arena._require_writer()
         cdef uint64_t k = self._k(key_index)
         _py._check_digest(digest)
@@ -1057,7 +1205,8 @@ cdef class KeyTable:
         fg_store64_rlx(<uint64_t *>&r.grace_until_ms, <uint64_t>c_gr)
         fg_store64_rlx(&r.ext_off, eoff)
         fg_store32_rlx(&r.ext_len, <uint32_t>elen)
-        r.gen = r.gen + 1 if was_live else 1
+        # relaxed atomic store: check_key reads gen inside its seqlock snapshot
+        fg_store64_rlx(&r.gen, r.gen + 1 if was_live else 1)
         memcpy(r.digest, d, 32)
         if p != NULL:
             memcpy(r.digest2, p, 32)
@@ -1084,6 +1233,7 @@ cdef class KeyTable:
 
     def rotate(self, key_index, bytes new_digest not None, grace_until_ms):
         """New digest for a live key; the old one stays valid while now_ms < grace_until_ms (0: not at all)."""
+        FG_CROSS(X_KEYTABLE_ROTATE)
         self.arena._require_writer()
         cdef uint64_t k = self._k(key_index)
         cdef Record *r = &self.records[k]
@@ -1109,7 +1259,7 @@ cdef class KeyTable:
         else:
             memset(r.digest2, 0, 32)
             fg_store64_rlx(<uint64_t *>&r.grace_until_ms, 0)
-        r.gen += 1
+        fg_store64_rlx(&r.gen, r.gen + 1)
         self._end(k)
         if had2:
             self._remove(old2, k)
@@ -1126,18 +1276,21 @@ cdef class KeyTable:
             return False
         self._begin(k)
         fg_store32_rlx(&r.flags, (r.flags | setm) & ~clearm)
-        r.gen += 1
+        fg_store64_rlx(&r.gen, r.gen + 1)
         self._end(k)
         return True
 
     def revoke(self, key_index):
         """Every worker sees KEY_REVOKED from its next lookup on. False if the index is free."""
+        FG_CROSS(X_KEYTABLE_REVOKE)
         return self._set_flags(key_index, F_REVOKED, 0)
 
     def set_disabled(self, key_index, disabled):
+        FG_CROSS(X_KEYTABLE_SET_DISABLED)
         return self._set_flags(key_index, F_DISABLED if disabled else 0, 0 if disabled else F_DISABLED)
 
     def delete(self, key_index):
+        FG_CROSS(X_KEYTABLE_DELETE)
         self.arena._require_writer()
         cdef uint64_t k = self._k(key_index)
         cdef Record *r = &self.records[k]
@@ -1157,7 +1310,7 @@ cdef class KeyTable:
         fg_store64_rlx(&r.ext_off, 0)
         fg_store32_rlx(&r.ext_len, 0)
         fg_store64_rlx(<uint64_t *>&r.grace_until_ms, 0)
-        r.gen += 1
+        fg_store64_rlx(&r.gen, r.gen + 1)
         self._end(k)
         self._remove(old1, k)
         if had2:
@@ -1169,6 +1322,7 @@ cdef class KeyTable:
 
     def sweep(self, int64_t now_ms):
         """Forget rotated-out digests whose grace has ended; returns how many."""
+        FG_CROSS(X_KEYTABLE_SWEEP)
         self.arena._require_writer()
         cdef uint64_t k
         cdef Record *r
@@ -1181,7 +1335,7 @@ cdef class KeyTable:
                 self._begin(k)
                 fg_store64_rlx(<uint64_t *>&r.grace_until_ms, 0)
                 memset(r.digest2, 0, 32)
-                r.gen += 1
+                fg_store64_rlx(&r.gen, r.gen + 1)
                 self._end(k)
                 self._remove(old2, k)
                 self._ensure_findable(k)
@@ -1229,6 +1383,7 @@ cdef class KeyTable:
             fg_cpu_relax()
 
     def info(self, key_index):
+        FG_CROSS(X_KEYTABLE_INFO)
         cdef uint64_t k = self._k(key_index)
         snap, blob = self._ext_copy(k)
         if not (snap["flags"] & F_LIVE):
@@ -1245,6 +1400,7 @@ cdef class KeyTable:
         )
 
     def meta(self, key_index):
+        FG_CROSS(X_KEYTABLE_META)
         cdef uint64_t k = self._k(key_index)
         snap, blob = self._ext_copy(k)
         if not (snap["flags"] & F_LIVE) or not blob:
@@ -1254,6 +1410,7 @@ cdef class KeyTable:
         return blob[total - mlen:total]
 
     def generation(self, key_index):
+        FG_CROSS(X_KEYTABLE_GENERATION)
         cdef Record snap
         self._snapshot(self._k(key_index), &snap)
         return snap.gen if snap.flags & F_LIVE else 0
@@ -1271,6 +1428,7 @@ cdef class KeyTable:
 
     def probes(self, bytes digest not None):
         """Slots a lookup of digest visits in the live area (cold; for tests and tools)."""
+        FG_CROSS(X_KEYTABLE_PROBES)
         if PyBytes_GET_SIZE(digest) != 32:
             raise CoreError("expected a 32-byte digest")
         cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(digest)
@@ -1288,9 +1446,11 @@ cdef class KeyTable:
         return self.nslots
 
     def __len__(self):
+        FG_CROSS(X_KEYTABLE_LEN)
         return self.hdr.live_keys
 
     def stats(self):
+        FG_CROSS(X_KEYTABLE_STATS)
         return dict(capacity=self.cap, live=self.hdr.live_keys, digests=self.hdr.digests,
                     slots=self.nslots, tombstones=self.hdr.tombstones, rebuilds=self.hdr.rebuilds,
                     ext_used=self.hdr.ext_bump, ext_bytes=self.ext_bytes)
@@ -1451,6 +1611,100 @@ cdef inline bint _expired(RateEntry *e, const uint32_t *ep) noexcept nogil:
     return True
 
 
+@cython.final
+cdef class Admission:
+    """What RateTable.admit() decided, filled in place: make one per worker and
+    pass it to every admit() (no allocation per request).
+
+    index           key index >= 0 if the key passed steps 5-6 (also when it is
+                    then rate-limited), else its negative code (== the status)
+    generation      the record's generation, read in the same snapshot as the
+                    checks (what generation(index) returns); 0 if the key failed
+    plan_id         the record's plan_id; 0 if the key failed
+    policy          the policy whose windows the key's own limits replaced
+                    (RateTable.set_plans); -1: none, or the key failed
+    rate            the rate step as hit_key() answers it: remaining >= 0,
+                    RATE_LIMITED or UNLIMITED; the key's code if it failed
+    limit, remaining, reset_ms, retry_after_ms
+                    as RateTable's fields after hit_key(); 0 if the key failed
+    """
+
+    cdef int64_t _index
+    cdef uint64_t _generation
+    cdef int64_t _plan_id
+    cdef int64_t _policy
+    cdef int64_t _rate
+    cdef int64_t _limit
+    cdef int64_t _remaining
+    cdef int64_t _reset_ms
+    cdef int64_t _retry_after_ms
+
+    def __cinit__(self):
+        self._failed(C_NO_SUCH_KEY)
+
+    cdef inline void _failed(self, int64_t code) noexcept:
+        self._index = code
+        self._rate = code
+        self._generation = 0
+        self._plan_id = 0
+        self._policy = -1
+        self._limit = 0
+        self._remaining = 0
+        self._reset_ms = 0
+        self._retry_after_ms = 0
+
+    @property
+    def index(self):
+        FG_CROSS(X_ADMISSION_INDEX)
+        return self._index
+
+    @property
+    def generation(self):
+        FG_CROSS(X_ADMISSION_GENERATION)
+        return self._generation
+
+    @property
+    def plan_id(self):
+        FG_CROSS(X_ADMISSION_PLAN_ID)
+        return self._plan_id
+
+    @property
+    def policy(self):
+        FG_CROSS(X_ADMISSION_POLICY)
+        return self._policy
+
+    @property
+    def rate(self):
+        FG_CROSS(X_ADMISSION_RATE)
+        return self._rate
+
+    @property
+    def limit(self):
+        FG_CROSS(X_ADMISSION_LIMIT)
+        return self._limit
+
+    @property
+    def remaining(self):
+        FG_CROSS(X_ADMISSION_REMAINING)
+        return self._remaining
+
+    @property
+    def reset_ms(self):
+        FG_CROSS(X_ADMISSION_RESET_MS)
+        return self._reset_ms
+
+    @property
+    def retry_after_ms(self):
+        FG_CROSS(X_ADMISSION_RETRY_AFTER_MS)
+        return self._retry_after_ms
+
+    def __repr__(self):
+        return (f"Admission(index={self._index}, generation={self._generation}, plan_id={self._plan_id}, "
+                f"policy={self._policy}, rate={self._rate}, limit={self._limit}, remaining={self._remaining}, "
+                f"reset_ms={self._reset_ms}, retry_after_ms={self._retry_after_ms})")
+
+
+@cython.final
 cdef class RateTable:
     """Sliding-window counters in the arena, shared by every process.
 
@@ -1463,6 +1717,10 @@ cdef class RateTable:
     under the arena's secret salt, reusing expired entries, and when a
     256-entry probe window has none: "refuse" policies return
     RATE_TABLE_FULL, "evict" policies (own region) take over the stalest.
+
+    admit() is a keyed request's steps 5-7 in one crossing: check_key, then
+    hit_key under the policy that a worker-local C table (set_plans) gives
+    the record's plan_id, with the result written into a reused Admission.
     """
 
     cdef Arena arena
@@ -1478,21 +1736,35 @@ cdef class RateTable:
     cdef uint32_t *pol_lim
     cdef uint8_t *pol_mode
     cdef Py_ssize_t npol
-    cdef readonly int64_t limit
-    cdef readonly int64_t remaining
-    cdef readonly int64_t reset_ms
-    cdef readonly int64_t retry_after_ms
+    # plan_id -> policy id (set_plans): open addressing, plan_id 0 marks an
+    # empty slot; plan_mask + 1 slots (a power of two, at least twice the
+    # plans, so every probe chain ends at an empty slot)
+    cdef uint32_t *plan_ids
+    cdef int32_t *plan_pols
+    cdef uint32_t plan_mask
+    cdef int64_t plan_fallback
+    # the last hit (see the properties below)
+    cdef int64_t r_limit
+    cdef int64_t r_remaining
+    cdef int64_t r_reset_ms
+    cdef int64_t r_retry_after_ms
 
     def __cinit__(self):
         self.pol_ns = NULL
         self.pol_lim = NULL
         self.pol_mode = NULL
         self.npol = 0
+        self.plan_ids = NULL
+        self.plan_pols = NULL
+        self.plan_mask = 0
+        self.plan_fallback = -1
 
     def __dealloc__(self):
         free(self.pol_ns)
         free(self.pol_lim)
         free(self.pol_mode)
+        free(self.plan_ids)
+        free(self.plan_pols)
 
     def __init__(self, Arena arena not None):
         self.arena = arena
@@ -1508,6 +1780,34 @@ cdef class RateTable:
         self.used[MODE_EVICT] = &arena.hdr.auth_used
         self.k0 = arena.hdr.salt[0]
         self.k1 = arena.hdr.salt[1]
+        self.plan_ids = <uint32_t *>calloc(1, sizeof(uint32_t))
+        self.plan_pols = <int32_t *>calloc(1, sizeof(int32_t))
+        if self.plan_ids == NULL or self.plan_pols == NULL:
+            raise MemoryError()
+
+    @property
+    def limit(self):
+        """Of the last hit: the binding window's limit."""
+        FG_CROSS(X_RATETABLE_LIMIT)
+        return self.r_limit
+
+    @property
+    def remaining(self):
+        """Of the last hit: requests left in that window after it (0 when refused)."""
+        FG_CROSS(X_RATETABLE_REMAINING)
+        return self.r_remaining
+
+    @property
+    def reset_ms(self):
+        """Of the last hit: ms until that window ends."""
+        FG_CROSS(X_RATETABLE_RESET_MS)
+        return self.r_reset_ms
+
+    @property
+    def retry_after_ms(self):
+        """Of the last hit, when refused: ms until it would be admitted; else 0."""
+        FG_CROSS(X_RATETABLE_RETRY_AFTER_MS)
+        return self.r_retry_after_ms
 
     def policy(self, name, limits, where="limits", *, on_full="refuse"):
         """Compile limits like ["10/second", "1000/day"]; returns a worker-local policy id.
@@ -1518,6 +1818,7 @@ cdef class RateTable:
         fail closed with RATE_TABLE_FULL; "evict" -- failed-auth throttling, in
         a region of its own: the stalest entry of the probe window is taken.
         """
+        FG_CROSS(X_RATETABLE_POLICY)
         if not isinstance(name, str) or not name:
             raise CoreError(f"policy name must be a non-empty string, found {name!r}")
         if on_full not in _py.ON_FULL:
@@ -1542,6 +1843,50 @@ cdef class RateTable:
         self.npol += 1
         return self.npol - 1
 
+    def set_plans(self, plans, where="plans"):
+        """Install which policy admit() applies to a key, by the record's plan_id:
+        plans maps plan names (plan_id(name) is what the record carries) to policy
+        ids of this table; "" names the fallback for keys without a plan or with
+        a plan not listed (absent: their own limits only). Replaces the previous
+        table; call once per config. CoreError on a bad id or two names with one
+        plan id."""
+        FG_CROSS(X_RATETABLE_SET_PLANS)
+        table, fallback = _py.compile_plans(plans, self.npol, where)
+        cdef uint32_t size = 4, i, pid
+        while size < 2 * len(table) + 1:
+            size <<= 1
+        cdef uint32_t *ids = <uint32_t *>calloc(size, sizeof(uint32_t))
+        cdef int32_t *pols = <int32_t *>calloc(size, sizeof(int32_t))
+        if ids == NULL or pols == NULL:
+            free(ids)
+            free(pols)
+            raise MemoryError()
+        for plan, pol in table.items():
+            pid = plan
+            i = pid & (size - 1)
+            while ids[i] != 0:
+                i = (i + 1) & (size - 1)
+            ids[i] = pid
+            pols[i] = pol
+        free(self.plan_ids)
+        free(self.plan_pols)
+        self.plan_ids = ids
+        self.plan_pols = pols
+        self.plan_mask = size - 1
+        self.plan_fallback = fallback
+
+    cdef inline int64_t _plan_policy(self, uint32_t plan) noexcept:
+        cdef uint32_t i = plan & self.plan_mask, v
+        if plan == 0:
+            return self.plan_fallback
+        while True:
+            v = self.plan_ids[i]
+            if v == plan:
+                return self.plan_pols[i]
+            if v == 0:
+                return self.plan_fallback
+            i = (i + 1) & self.plan_mask
+
     cdef int _pid(self, int64_t policy_id) except -1:
         if policy_id < 0 or policy_id >= self.npol:
             raise CoreError(f"unknown rate policy id {policy_id}")
@@ -1550,6 +1895,7 @@ cdef class RateTable:
     def hit(self, int64_t policy_id, uint64_t subject, int64_t now_ms, uint32_t cost=1):
         """Count one request of an address subject (see addr_subject); remaining >= 0 if
         admitted, RATE_LIMITED, or RATE_TABLE_FULL (only for "refuse" policies)."""
+        FG_CROSS(X_RATETABLE_HIT)
         self._pid(policy_id)
         cdef const uint32_t *lim = &self.pol_lim[N_WIN * policy_id]
         if not _any(lim):
@@ -1566,10 +1912,10 @@ cdef class RateTable:
         for tries in range(OWNER_RETRIES):
             e = self._entry(mode, key, now_ms)
             if e == NULL:
-                self.limit = 0
-                self.remaining = 0
-                self.reset_ms = 0
-                self.retry_after_ms = 1000
+                self.r_limit = 0
+                self.r_remaining = 0
+                self.r_reset_ms = 0
+                self.r_retry_after_ms = 1000
                 return C_RATE_TABLE_FULL
             if fg_load64_rlx(&e.touched) != <uint64_t>now_ms:
                 fg_store64_rlx(&e.touched, <uint64_t>now_ms)
@@ -1582,9 +1928,8 @@ cdef class RateTable:
     def hit_key(self, int64_t policy_id, KeyTable keys not None, int64_t key_index, int64_t now_ms, uint32_t cost=1):
         """hit() for a key, in the key's own entry: the key's own limits replace the
         policy's, window by window. Never RATE_TABLE_FULL."""
+        FG_CROSS(X_RATETABLE_HIT_KEY)
         cdef uint32_t own[N_WIN]
-        cdef uint32_t merged[N_WIN]
-        cdef int i
         self._pid(policy_id)
         if key_index < 0 or <uint64_t>key_index >= self.kcap:
             raise CoreError(f"key index must be 0..{self.kcap - 1}, found {key_index}")
@@ -1592,17 +1937,52 @@ cdef class RateTable:
             memcpy(own, keys.last_limits, sizeof(own))
         else:
             keys._load_limits(<uint64_t>key_index, own)
-        for i in range(N_WIN):
-            merged[i] = own[i] if own[i] else self.pol_lim[N_WIN * policy_id + i]
+        return self._hit_key(policy_id, own, <uint64_t>key_index, now_ms, cost)
+
+    cdef inline int64_t _hit_key(self, int64_t policy_id, const uint32_t *own, uint64_t k, int64_t now,
+                                 uint32_t cost) noexcept:
+        # policy_id: a valid id, or -1 for none (the key's own limits only)
+        cdef uint32_t merged[N_WIN]
+        cdef int i
+        if policy_id < 0:
+            memcpy(merged, own, sizeof(merged))
+        else:
+            for i in range(N_WIN):
+                merged[i] = own[i] if own[i] else self.pol_lim[N_WIN * policy_id + i]
         if not _any(merged):
             return self._unlimited()
-        return self._count(&self.krates[key_index], merged, now_ms, cost, 0)
+        return self._count(&self.krates[k], merged, now, cost, 0)
+
+    def admit(self, KeyTable keys not None, bytes key not None, int method_bit, bytes path not None,
+              bytes peer not None, int64_t now_ms, Admission out not None, uint32_t cost=1):
+        """Steps 5-7 in one call: check_key() (shape, checksum, digest, lookup,
+        validity, scope, per-key CIDRs), then hit_key() under the policy that
+        set_plans() gives the record's plan_id. Fills out (see Admission) and
+        leaves this table's limit/remaining/... as hit_key() would. Returns the
+        key index >= 0 if admitted, else the key's negative code or RATE_LIMITED."""
+        FG_CROSS(X_RATETABLE_ADMIT)
+        cdef int64_t r = keys._check_key(key, method_bit, path, peer, now_ms), pol
+        if r < 0:
+            out._failed(r)
+            return r
+        pol = self._plan_policy(<uint32_t>keys._last_plan)
+        cdef int64_t rate = self._hit_key(pol, keys.last_limits, <uint64_t>r, now_ms, cost)
+        out._index = r
+        out._generation = keys.last_gen
+        out._plan_id = keys._last_plan
+        out._policy = pol
+        out._rate = rate
+        out._limit = self.r_limit
+        out._remaining = self.r_remaining
+        out._reset_ms = self.r_reset_ms
+        out._retry_after_ms = self.r_retry_after_ms
+        return C_RATE_LIMITED if rate == C_RATE_LIMITED else r
 
     cdef int64_t _unlimited(self) noexcept:
-        self.limit = C_UNLIMITED
-        self.remaining = C_UNLIMITED
-        self.reset_ms = 0
-        self.retry_after_ms = 0
+        self.r_limit = C_UNLIMITED
+        self.r_remaining = C_UNLIMITED
+        self.r_reset_ms = 0
+        self.r_retry_after_ms = 0
         return C_UNLIMITED
 
     cdef RateEntry *_entry(self, int mode, uint64_t key, int64_t now) noexcept:
@@ -1710,10 +2090,10 @@ cdef class RateTable:
                     for j in range(w):
                         if done & (1 << j):
                             _undo(slot[j], written[j], cost)
-                    self.limit = <int64_t>L
-                    self.remaining = 0
-                    self.reset_ms = W - t
-                    self.retry_after_ms = <int64_t>_retry(L, cost, prev, curr, <uint64_t>W, <uint64_t>W2, <uint64_t>t)
+                    self.r_limit = <int64_t>L
+                    self.r_remaining = 0
+                    self.r_reset_ms = W - t
+                    self.r_retry_after_ms = <int64_t>_retry(L, cost, prev, curr, <uint64_t>W, <uint64_t>W2, <uint64_t>t)
                     return C_RATE_LIMITED
                 nv = (<uint64_t>ce << 32) | (curr + cost)
                 # CAS: the check above and this add are one atomic step, so
@@ -1735,13 +2115,14 @@ cdef class RateTable:
                 if done & (1 << j):
                     _undo(slot[j], written[j], cost)
             return RETRY
-        self.limit = <int64_t>best_lim
-        self.remaining = <int64_t>best_rem
-        self.reset_ms = best_reset
-        self.retry_after_ms = 0
+        self.r_limit = <int64_t>best_lim
+        self.r_remaining = <int64_t>best_rem
+        self.r_reset_ms = best_reset
+        self.r_retry_after_ms = 0
         return <int64_t>best_rem
 
     def stats(self):
+        FG_CROSS(X_RATETABLE_STATS)
         h = self.arena.hdr
         return dict(capacity=self.arena.rate_cap, used=h.rate_used, auth_capacity=self.arena.auth_cap,
                     auth_used=h.auth_used, key_capacity=self.kcap, reclaimed=h.reclaimed, evicted=h.evicted)
@@ -1753,6 +2134,7 @@ cdef inline bint _any(const uint32_t *lim) noexcept nogil:
 
 def addr_subject(bytes packed not None, int v6_prefix=64):
     """Rate subject of a packed client address; mirrors _core_py.addr_subject."""
+    FG_CROSS(X_ADDR_SUBJECT)
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(packed)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(packed)
     cdef uint32_t v4 = 0

@@ -93,6 +93,45 @@ class CoreError(Exception):
     """Cold-path misuse of the core: bad config input, layout mismatch, full table."""
 
 
+# ---------------------------------------------------------------- crossing counters
+
+# Every way Python enters the core (fastgate._core, or this twin behind the
+# same facade): each public method and function, and each property, such as
+# the result fields a request reads back. Constructors are not counted. The
+# Cython core counts them only when built with FASTGATE_DEBUG (the counter is
+# a C macro that is empty otherwise); the twin always counts. The order is
+# the compiled core's table order; it looks each name up here at import.
+CROSSINGS = (
+    "addr_subject",
+    "Arena.create", "Arena.attach", "Arena.size", "Arena.key_capacity", "Arena.rate_capacity",
+    "Arena.auth_capacity", "Arena.path", "Arena.writer_pid", "Arena.header", "Arena.set_writer",
+    "Arena.repair_dead_writer", "Arena.recover", "Arena.unlink",
+    "KeyTable.capacity", "KeyTable.last_plan", "KeyTable.set_secret", "KeyTable.digest", "KeyTable.check_key",
+    "KeyTable.check", "KeyTable.allocate", "KeyTable.put", "KeyTable.rotate", "KeyTable.revoke",
+    "KeyTable.set_disabled", "KeyTable.delete", "KeyTable.sweep", "KeyTable.info", "KeyTable.meta",
+    "KeyTable.generation", "KeyTable.probes", "KeyTable.__len__", "KeyTable.stats",
+    "RateTable.policy", "RateTable.set_plans", "RateTable.hit", "RateTable.hit_key", "RateTable.admit",
+    "RateTable.stats", "RateTable.limit", "RateTable.remaining", "RateTable.reset_ms", "RateTable.retry_after_ms",
+    "Admission.index", "Admission.generation", "Admission.plan_id", "Admission.policy", "Admission.rate",
+    "Admission.limit", "Admission.remaining", "Admission.reset_ms", "Admission.retry_after_ms",
+    "CidrSet.compile", "CidrSet.contains", "CidrSet.__len__", "CidrSet.ranges", "CidrSet.where",
+)
+COUNTS_CROSSINGS = True
+_X = dict.fromkeys(CROSSINGS, 0)
+
+
+def crossings() -> dict[str, int]:
+    """Calls into the core by entry point since the last reset_crossings(), in this
+    process (a forked child starts with its parent's counts). Entry points never
+    called are left out."""
+    return {k: v for k, v in _X.items() if v}
+
+
+def reset_crossings() -> None:
+    for k in _X:
+        _X[k] = 0
+
+
 # ---------------------------------------------------------------- key format
 
 
@@ -170,6 +209,19 @@ def name_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
+def plan_id(name: str | None) -> int:
+    """The plan id a key record carries (KeyTable.put(plan_id=...)) for a plan name:
+    0 for no plan (None or ""), else 1..2**31-1, an unkeyed 31-bit hash of the
+    name, so the admin process and every worker derive the same id from the name
+    alone. RateTable.set_plans() refuses two configured names with one id."""
+    if name is None or name == "":
+        return 0
+    if not isinstance(name, str):
+        raise CoreError(f"plan name must be a string, found {type(name).__name__}")
+    h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4, person=b"fastgate.plan").digest(), "little")
+    return (h & 0x7FFFFFFF) or 1
+
+
 def addr_hash(peer: bytes) -> int:
     """Subject for per-IP limits: a 63-bit hash of the packed address (kept for
     callers that predate addr_subject; it does not aggregate IPv6)."""
@@ -186,6 +238,11 @@ V6_PREFIX_DEFAULT = 64
 
 
 def addr_subject(packed: bytes, v6_prefix: int = V6_PREFIX_DEFAULT) -> int:
+    _X["addr_subject"] += 1
+    return _addr_subject(packed, v6_prefix)
+
+
+def _addr_subject(packed: bytes, v6_prefix: int = V6_PREFIX_DEFAULT) -> int:
     """Rate subject of a client address (the 4- or 16-byte pack_ip form).
 
     IPv4 and IPv4-mapped IPv6 count per address; IPv6 counts per /v6_prefix
@@ -587,7 +644,7 @@ class Arena:
         self._path = path
         self._owner = owner
         self._creator_pid = os.getpid() if owner else -1
-        self.writer_pid = os.getpid()
+        self._writer_pid = os.getpid()
         self._keys = None
         self._rates = {}   # (namespace, subject) -> entry: address subjects that refuse when full
         self._auth = {}    # the same, for subjects that evict the stalest entry when full
@@ -598,6 +655,7 @@ class Arena:
     @classmethod
     def create(cls, key_capacity: int = 1_000_000, rate_capacity: int = 1 << 18, ext_bytes: int | None = None,
                path: str | None = None, *, auth_capacity: int | None = None) -> "Arena":
+        _X["Arena.create"] += 1
         lay = layout(key_capacity, rate_capacity, ext_bytes, auth_capacity)
         mm = map_segment(HEADER_SIZE, path)
         write_header(mm, lay, os.getpid())
@@ -605,49 +663,70 @@ class Arena:
 
     @classmethod
     def attach(cls, path: str) -> "Arena":
+        _X["Arena.attach"] += 1
         raise CoreError(f"cannot attach arena {path!r}: the pure-Python core keeps tables in process memory")
 
     @property
     def size(self) -> int:
+        _X["Arena.size"] += 1
         return self._layout["size"]
 
     @property
     def key_capacity(self) -> int:
+        _X["Arena.key_capacity"] += 1
         return self._layout["key_capacity"]
 
     @property
     def rate_capacity(self) -> int:
+        _X["Arena.rate_capacity"] += 1
         return self._layout["rate_capacity"]
 
     @property
     def auth_capacity(self) -> int:
+        _X["Arena.auth_capacity"] += 1
         return self._layout["auth_capacity"]
 
     @property
     def path(self):
+        _X["Arena.path"] += 1
         return self._path
 
+    @property
+    def writer_pid(self) -> int:
+        _X["Arena.writer_pid"] += 1
+        return self._writer_pid
+
+    @writer_pid.setter
+    def writer_pid(self, pid: int) -> None:
+        # the twin only (tests hand a forked child's copy the role); not a crossing
+        self._writer_pid = pid
+
     def header(self) -> dict:
-        return dict(self._layout, version=LAYOUT_VERSION, writer_pid=self.writer_pid)
+        _X["Arena.header"] += 1
+        return dict(self._layout, version=LAYOUT_VERSION, writer_pid=self._writer_pid)
 
     def set_writer(self, pid: int) -> None:
+        _X["Arena.set_writer"] += 1
         if os.getpid() != self._creator_pid:
             _require_writer(self)
-        self.writer_pid = pid
+        self._writer_pid = pid
 
     def repair_dead_writer(self) -> int:
         """The twin's records are written whole: there is never one to repair."""
+        _X["Arena.repair_dead_writer"] += 1
         if os.getpid() != self._creator_pid:
             raise CoreError("only the process that created the arena may repair it")
         return -1
 
     def recover(self) -> bool:
         """The twin's records are written whole: there is never one to normalise."""
+        _X["Arena.recover"] += 1
         if os.getpid() != self._creator_pid:
             _require_writer(self)
         return False
 
     def unlink(self) -> None:
+        _X["Arena.unlink"] += 1
         if not self._owner:
             raise CoreError("only the process that created the arena may unlink it")
         if self._path is not None:
@@ -660,8 +739,8 @@ class Arena:
 
 def _require_writer(arena) -> None:
     me = os.getpid()
-    if arena.writer_pid != me:
-        raise CoreError(f"only the writer process (pid {arena.writer_pid}) may write the arena; this is pid {me}")
+    if arena._writer_pid != me:
+        raise CoreError(f"only the writer process (pid {arena._writer_pid}) may write the arena; this is pid {me}")
 
 
 _crash_hook = 0
@@ -716,19 +795,30 @@ class KeyTable:
         if arena._keys is None:
             arena._keys = ({}, {})  # digest -> index, index -> _Rec
         self._index, self._recs = arena._keys
+        self._cap = arena._layout["key_capacity"]
         self._secret = None if secret is None else _check_secret(secret)
-        self.last_plan = 0
+        self._last_plan = 0
         self._last_index = -1
         self._last_limits = [0] * N_WINDOWS
+        self._last_gen = 0
 
     @property
     def capacity(self) -> int:
-        return self._arena.key_capacity
+        _X["KeyTable.capacity"] += 1
+        return self._cap
+
+    @property
+    def last_plan(self) -> int:
+        """plan_id of the key of the last successful check in this process."""
+        _X["KeyTable.last_plan"] += 1
+        return self._last_plan
 
     def set_secret(self, secret: bytes) -> None:
+        _X["KeyTable.set_secret"] += 1
         self._secret = _check_secret(secret)
 
     def digest(self, key: bytes) -> bytes:
+        _X["KeyTable.digest"] += 1
         if self._secret is None:
             raise CoreError("no server secret set: pass secret= to KeyTable or call set_secret()")
         return key_digest(self._secret, key)
@@ -736,11 +826,19 @@ class KeyTable:
     # ---- hot path
 
     def check_key(self, key: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
+        _X["KeyTable.check_key"] += 1
+        return self._check_key(key, method_bit, path, peer, now_ms)
+
+    def _check_key(self, key: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
         if self._secret is None or not key_well_formed(key):
             return KEY_MALFORMED
-        return self.check(key_digest(self._secret, key), method_bit, path, peer, now_ms)
+        return self._check(key_digest(self._secret, key), method_bit, path, peer, now_ms)
 
     def check(self, digest: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
+        _X["KeyTable.check"] += 1
+        return self._check(digest, method_bit, path, peer, now_ms)
+
+    def _check(self, digest: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int) -> int:
         k = self._index.get(digest)
         if k is None:
             return NO_SUCH_KEY
@@ -768,28 +866,31 @@ class KeyTable:
                 return KEY_IP_DENIED
             if (r.allow[0] or r.allow[1]) and not _in(r.allow[i], x):
                 return KEY_IP_DENIED
-        self.last_plan = r.plan_id
+        self._last_plan = r.plan_id
         self._last_index = k
         self._last_limits = r.limits
+        self._last_gen = r.gen
         return k
 
     # ---- writer
 
     def allocate(self) -> int:
+        _X["KeyTable.allocate"] += 1
         _require_writer(self._arena)
-        for i in range(self.capacity):
+        for i in range(self._cap):
             if i not in self._recs:
                 return i
-        raise CoreError(f"key table full: all {self.capacity} records are in use (raise key_capacity)")
+        raise CoreError(f"key table full: all {self._cap} records are in use (raise key_capacity)")
 
     def _k(self, key_index) -> int:
-        if not isinstance(key_index, int) or not 0 <= key_index < self.capacity:
-            raise CoreError(f"key index must be 0..{self.capacity - 1}, found {key_index!r}")
+        if not isinstance(key_index, int) or not 0 <= key_index < self._cap:
+            raise CoreError(f"key index must be 0..{self._cap - 1}, found {key_index!r}")
         return key_index
 
     def put(self, key_index: int, digest: bytes, *, plan_id: int = 0, flags: int = 0, not_before_ms: int = 0,
             expires_ms: int = 0, scopes=None, allow_cidrs=None, deny_cidrs=None, limits=None, meta: bytes = b"",
             where: str = "key", prev_digest: bytes | None = None, grace_until_ms: int = 0) -> None:
+        _X["KeyTable.put"] += 1
         _require_writer(self._arena)
         k = self._k(key_index)
         _check_digest(digest)
@@ -837,6 +938,7 @@ class KeyTable:
             self._index[prev_digest] = k
 
     def rotate(self, key_index: int, new_digest: bytes, grace_until_ms: int) -> None:
+        _X["KeyTable.rotate"] += 1
         _require_writer(self._arena)
         r = self._live(key_index)
         _check_digest(new_digest)
@@ -862,6 +964,7 @@ class KeyTable:
         return r
 
     def revoke(self, key_index: int) -> bool:
+        _X["KeyTable.revoke"] += 1
         _require_writer(self._arena)
         r = self._recs.get(self._k(key_index))
         if r is None:
@@ -871,6 +974,7 @@ class KeyTable:
         return True
 
     def set_disabled(self, key_index: int, disabled: bool) -> bool:
+        _X["KeyTable.set_disabled"] += 1
         _require_writer(self._arena)
         r = self._recs.get(self._k(key_index))
         if r is None:
@@ -880,6 +984,7 @@ class KeyTable:
         return True
 
     def delete(self, key_index: int) -> bool:
+        _X["KeyTable.delete"] += 1
         _require_writer(self._arena)
         r = self._recs.pop(self._k(key_index), None)
         if r is None:
@@ -890,6 +995,7 @@ class KeyTable:
         return True
 
     def sweep(self, now_ms: int) -> int:
+        _X["KeyTable.sweep"] += 1
         _require_writer(self._arena)
         n = 0
         for r in self._recs.values():
@@ -903,6 +1009,7 @@ class KeyTable:
     # ---- cold readers
 
     def info(self, key_index: int):
+        _X["KeyTable.info"] += 1
         r = self._recs.get(self._k(key_index))
         if r is None:
             return None
@@ -913,23 +1020,28 @@ class KeyTable:
         )
 
     def meta(self, key_index: int) -> bytes:
+        _X["KeyTable.meta"] += 1
         r = self._recs.get(self._k(key_index))
         return b"" if r is None else r.meta
 
     def generation(self, key_index: int) -> int:
+        _X["KeyTable.generation"] += 1
         r = self._recs.get(self._k(key_index))
         return 0 if r is None else r.gen
 
     def __len__(self) -> int:
+        _X["KeyTable.__len__"] += 1
         return len(self._recs)
 
     def probes(self, digest: bytes) -> int:
         """Slots a lookup of digest visits (the twin's dict: always 1)."""
+        _X["KeyTable.probes"] += 1
         return 1
 
     def stats(self) -> dict:
+        _X["KeyTable.stats"] += 1
         # the twin's index is a dict: no slots to tombstone, nothing to rebuild
-        return dict(capacity=self.capacity, live=len(self._recs), digests=len(self._index),
+        return dict(capacity=self._cap, live=len(self._recs), digests=len(self._index),
                     slots=self._arena._layout["key_slots"], tombstones=0, rebuilds=0)
 
 
@@ -943,21 +1055,28 @@ def _in(ranges, x: int) -> bool:
 class CidrSet:
     """Sorted merged ranges; contains() takes the 4- or 16-byte packed peer."""
 
-    __slots__ = ("_v4lo", "_v4hi", "_v6lo", "_v6hi", "where")
+    __slots__ = ("_v4lo", "_v4hi", "_v6lo", "_v6hi", "_where")
 
     def __init__(self, v4, v6, where: str):
         self._v4lo = [lo for lo, _ in v4]
         self._v4hi = [hi for _, hi in v4]
         self._v6lo = [lo for lo, _ in v6]
         self._v6hi = [hi for _, hi in v6]
-        self.where = where
+        self._where = where
 
     @classmethod
     def compile(cls, cidrs, where: str = "cidrs") -> "CidrSet":
+        _X["CidrSet.compile"] += 1
         v4, v6 = compile_cidrs(cidrs, where)
         return cls(v4, v6, where)
 
+    @property
+    def where(self) -> str:
+        _X["CidrSet.where"] += 1
+        return self._where
+
     def contains(self, peer: bytes) -> bool:
+        _X["CidrSet.contains"] += 1
         v, x = peer_int(peer)
         if v == 4:
             return ranges_contain(self._v4lo, self._v4hi, x)
@@ -966,10 +1085,12 @@ class CidrSet:
         return False
 
     def __len__(self) -> int:
+        _X["CidrSet.__len__"] += 1
         return len(self._v4lo) + len(self._v6lo)
 
     @property
     def ranges(self) -> tuple[int, int]:
+        _X["CidrSet.ranges"] += 1
         return len(self._v4lo), len(self._v6lo)
 
 
@@ -991,10 +1112,119 @@ def entry_expired(b, now_ms: int) -> bool:
     return True
 
 
+def compile_plans(plans, n_policies: int, where: str = "plans") -> tuple[dict[int, int], int]:
+    """RateTable.set_plans() input -> ({plan_id: policy id}, fallback policy id or -1).
+
+    plans maps plan names to policy ids of the same RateTable; the name ""
+    names the fallback (keys without a plan, or with a plan this table does not
+    know); without it such keys get their own limits only (fallback -1)."""
+    if not hasattr(plans, "items"):
+        raise CoreError(f"cannot install plans at {where}: expected a mapping of plan name -> policy id, "
+                        f"found {type(plans).__name__}")
+    table: dict[int, int] = {}
+    names: dict[int, str] = {}
+    fallback = -1
+    for name, pid in plans.items():
+        if not isinstance(name, str):
+            raise CoreError(f"cannot install plans at {where}: plan names must be strings, found {name!r}")
+        if type(pid) is not int or not 0 <= pid < n_policies:
+            raise CoreError(f"cannot install plan {name!r} at {where}: {pid!r} is not a policy id of this "
+                            f"rate table (0..{n_policies - 1})")
+        if name == "":
+            fallback = pid
+            continue
+        pl = plan_id(name)
+        if pl in names:
+            raise CoreError(f"cannot install plan {name!r} at {where}: plans {names[pl]!r} and {name!r} "
+                            f"have the same plan id {pl}; rename one")
+        names[pl] = name
+        table[pl] = pid
+    return table, fallback
+
+
+class Admission:
+    """What RateTable.admit() decided, filled in place (one per worker, reused).
+
+    index           key index >= 0 if the key passed steps 5-6 (even if then
+                    rate-limited), else its negative code (== the status)
+    generation      the record's generation in the same snapshot as the checks
+                    (what generation(index) returns); 0 when the key failed
+    plan_id         the record's plan_id; 0 when the key failed
+    policy          the policy whose windows the key's own limits replaced
+                    (RateTable.set_plans); -1: none, or the key failed
+    rate            the rate step as hit_key() answers it: remaining >= 0,
+                    RATE_LIMITED or UNLIMITED; the key's code when it failed
+    limit, remaining, reset_ms, retry_after_ms
+                    as RateTable's fields after hit_key(); 0 when the key failed
+    """
+
+    __slots__ = ("_index", "_generation", "_plan_id", "_policy", "_rate", "_limit", "_remaining", "_reset_ms",
+                 "_retry_after_ms")
+
+    def __init__(self):
+        self._failed(NO_SUCH_KEY)  # nothing decided yet: never reads as key 0
+
+    def _failed(self, code: int) -> None:
+        self._index = self._rate = code
+        self._generation = self._plan_id = 0
+        self._policy = -1
+        self._limit = self._remaining = self._reset_ms = self._retry_after_ms = 0
+
+    @property
+    def index(self) -> int:
+        _X["Admission.index"] += 1
+        return self._index
+
+    @property
+    def generation(self) -> int:
+        _X["Admission.generation"] += 1
+        return self._generation
+
+    @property
+    def plan_id(self) -> int:
+        _X["Admission.plan_id"] += 1
+        return self._plan_id
+
+    @property
+    def policy(self) -> int:
+        _X["Admission.policy"] += 1
+        return self._policy
+
+    @property
+    def rate(self) -> int:
+        _X["Admission.rate"] += 1
+        return self._rate
+
+    @property
+    def limit(self) -> int:
+        _X["Admission.limit"] += 1
+        return self._limit
+
+    @property
+    def remaining(self) -> int:
+        _X["Admission.remaining"] += 1
+        return self._remaining
+
+    @property
+    def reset_ms(self) -> int:
+        _X["Admission.reset_ms"] += 1
+        return self._reset_ms
+
+    @property
+    def retry_after_ms(self) -> int:
+        _X["Admission.retry_after_ms"] += 1
+        return self._retry_after_ms
+
+    def __repr__(self) -> str:
+        return (f"Admission(index={self._index}, generation={self._generation}, plan_id={self._plan_id}, "
+                f"policy={self._policy}, rate={self._rate}, limit={self._limit}, remaining={self._remaining}, "
+                f"reset_ms={self._reset_ms}, retry_after_ms={self._retry_after_ms})")
+
+
 class RateTable:
     """Sliding-window counters, five window kinds, in three regions:
 
-    * keys (hit_key): one entry per key index, never full, never shared;
+    * keys (hit_key, admit): one entry per key index, never full, never shared;
     * address subjects of "refuse" policies (ip_limits): a salted hashed
       region of rate_capacity entries; expired entries are reused, and when a
       probe window holds none, hit() fails closed with RATE_TABLE_FULL;
@@ -1007,12 +1237,35 @@ class RateTable:
     def __init__(self, arena: Arena):
         self._arena = arena
         self._policies: list[tuple[int, list[int], int]] = []
-        self.limit = 0
-        self.remaining = 0
-        self.reset_ms = 0
-        self.retry_after_ms = 0
+        self._plans: dict[int, int] = {}
+        self._fallback = -1
+        self._limit = 0
+        self._remaining = 0
+        self._reset_ms = 0
+        self._retry_after_ms = 0
+
+    @property
+    def limit(self) -> int:
+        _X["RateTable.limit"] += 1
+        return self._limit
+
+    @property
+    def remaining(self) -> int:
+        _X["RateTable.remaining"] += 1
+        return self._remaining
+
+    @property
+    def reset_ms(self) -> int:
+        _X["RateTable.reset_ms"] += 1
+        return self._reset_ms
+
+    @property
+    def retry_after_ms(self) -> int:
+        _X["RateTable.retry_after_ms"] += 1
+        return self._retry_after_ms
 
     def policy(self, name: str, limits, where: str = "limits", *, on_full: str = "refuse") -> int:
+        _X["RateTable.policy"] += 1
         if not isinstance(name, str) or not name:
             raise CoreError(f"policy name must be a non-empty string, found {name!r}")
         if on_full not in ON_FULL:
@@ -1020,17 +1273,22 @@ class RateTable:
         self._policies.append((name_hash(name), compile_limits(limits, where), ON_FULL.index(on_full)))
         return len(self._policies) - 1
 
+    def set_plans(self, plans, where: str = "plans") -> None:
+        _X["RateTable.set_plans"] += 1
+        self._plans, self._fallback = compile_plans(plans, len(self._policies), where)
+
     def _policy(self, policy_id):
         if not isinstance(policy_id, int) or not 0 <= policy_id < len(self._policies):
             raise CoreError(f"unknown rate policy id {policy_id!r}")
         return self._policies[policy_id]
 
     def hit(self, policy_id: int, subject: int, now_ms: int, cost: int = 1) -> int:
+        _X["RateTable.hit"] += 1
         ns, limits, mode = self._policy(policy_id)
         if not any(limits):
             return self._unlimited()
         a = self._arena
-        entries, cap = (a._rates, a.rate_capacity) if mode == 0 else (a._auth, a.auth_capacity)
+        entries, cap = (a._rates, a._layout["rate_capacity"]) if mode == 0 else (a._auth, a._layout["auth_capacity"])
         key = (ns, subject & M64)
         b = entries.get(key)
         if b is None:
@@ -1039,8 +1297,8 @@ class RateTable:
                 if victim is not None:
                     a._reclaimed += 1
                 elif mode == 0:
-                    self.limit = self.remaining = self.reset_ms = 0
-                    self.retry_after_ms = 1000
+                    self._limit = self._remaining = self._reset_ms = 0
+                    self._retry_after_ms = 1000
                     return RATE_TABLE_FULL
                 else:
                     victim = min(entries, key=lambda k: entries[k][2 * N_WINDOWS])
@@ -1051,10 +1309,33 @@ class RateTable:
         return self._count(b, limits, now_ms, cost)
 
     def hit_key(self, policy_id: int, keys: KeyTable, key_index: int, now_ms: int, cost: int = 1) -> int:
-        ns, limits, _ = self._policy(policy_id)
-        if not isinstance(key_index, int) or not 0 <= key_index < self._arena.key_capacity:
-            raise CoreError(f"key index must be 0..{self._arena.key_capacity - 1}, found {key_index!r}")
+        _X["RateTable.hit_key"] += 1
+        _, limits, _ = self._policy(policy_id)
+        cap = self._arena._layout["key_capacity"]
+        if not isinstance(key_index, int) or not 0 <= key_index < cap:
+            raise CoreError(f"key index must be 0..{cap - 1}, found {key_index!r}")
         own = keys._last_limits if keys._last_index == key_index else self._key_limits(keys, key_index)
+        return self._hit_key(limits, own, key_index, now_ms, cost)
+
+    def admit(self, keys: KeyTable, key: bytes, method_bit: int, path: bytes, peer: bytes, now_ms: int,
+              out: Admission, cost: int = 1) -> int:
+        _X["RateTable.admit"] += 1
+        if not isinstance(keys, KeyTable) or not isinstance(out, Admission):
+            raise TypeError("admit() needs a KeyTable and an Admission")
+        k = keys._check_key(key, method_bit, path, peer, now_ms)
+        if k < 0:
+            out._failed(k)
+            return k
+        plan = keys._last_plan
+        pid = self._plans.get(plan, self._fallback) if plan else self._fallback
+        limits = self._policies[pid][1] if pid >= 0 else _NO_LIMITS
+        r = self._hit_key(limits, keys._last_limits, k, now_ms, cost)
+        out._index, out._generation, out._plan_id, out._policy, out._rate = k, keys._last_gen, plan, pid, r
+        out._limit, out._remaining = self._limit, self._remaining
+        out._reset_ms, out._retry_after_ms = self._reset_ms, self._retry_after_ms
+        return RATE_LIMITED if r == RATE_LIMITED else k
+
+    def _hit_key(self, limits, own, key_index: int, now_ms: int, cost: int) -> int:
         merged = [o or p for o, p in zip(own, limits)]
         if not any(merged):
             return self._unlimited()
@@ -1070,8 +1351,8 @@ class RateTable:
         return r.limits if r is not None else [0] * N_WINDOWS
 
     def _unlimited(self) -> int:
-        self.limit = self.remaining = UNLIMITED
-        self.reset_ms = self.retry_after_ms = 0
+        self._limit = self._remaining = UNLIMITED
+        self._reset_ms = self._retry_after_ms = 0
         return UNLIMITED
 
     def _count(self, b, limits, now_ms: int, cost: int) -> int:
@@ -1098,21 +1379,26 @@ class RateTable:
                 for i, c in undo:
                     if b[i] >> 32 == c >> 32 and b[i] & 0xFFFFFFFF >= cost:
                         b[i] -= cost
-                self.limit, self.remaining = L, 0
-                self.reset_ms = W - t
-                self.retry_after_ms = retry_after(L, cost, prev, curr, W, W2, t)
+                self._limit, self._remaining = L, 0
+                self._reset_ms = W - t
+                self._retry_after_ms = retry_after(L, cost, prev, curr, W, W2, t)
                 return RATE_LIMITED
             b[ci] = (we << 32) | (curr + cost)
             undo.append((ci, b[ci]))
             rem = L - (curr + cost + pw)
             if best is None or rem < best[0]:
                 best = (rem, L, W - t)
-        self.remaining, self.limit, self.reset_ms = best
-        self.retry_after_ms = 0
+        self._remaining, self._limit, self._reset_ms = best
+        self._retry_after_ms = 0
         return best[0]
 
     def stats(self) -> dict:
+        _X["RateTable.stats"] += 1
         a = self._arena
-        return dict(capacity=a.rate_capacity, used=len(a._rates), auth_capacity=a.auth_capacity,
-                    auth_used=len(a._auth), key_capacity=a.key_capacity, reclaimed=a._reclaimed,
+        lay = a._layout
+        return dict(capacity=lay["rate_capacity"], used=len(a._rates), auth_capacity=lay["auth_capacity"],
+                    auth_used=len(a._auth), key_capacity=lay["key_capacity"], reclaimed=a._reclaimed,
                     evicted=a._evicted)
+
+
+_NO_LIMITS = (0,) * N_WINDOWS

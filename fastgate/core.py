@@ -21,6 +21,7 @@ IMPLEMENTATION = "python" if _impl is _core_py else "cython"
 Arena = _impl.Arena
 KeyTable = _impl.KeyTable
 RateTable = _impl.RateTable
+Admission = _impl.Admission
 CidrSet = _impl.CidrSet
 CoreError = _core_py.CoreError
 
@@ -80,13 +81,25 @@ addr_subject = _impl.addr_subject
 compile_scopes = _core_py.compile_scopes
 compile_cidrs = _core_py.compile_cidrs
 compile_limits = _core_py.compile_limits
+# The plan_id a key record carries for a plan name (admin: KeyTable.put(plan_id=...));
+# RateTable.set_plans() maps the same ids to the worker's policies.
+plan_id = _core_py.plan_id
+
+# Python -> core crossings per entry point (names: CROSSINGS). The twin always
+# counts; the compiled core only when built with FASTGATE_DEBUG=1, else
+# crossings() is always {} (COUNTS_CROSSINGS says which).
+CROSSINGS = _core_py.CROSSINGS
+COUNTS_CROSSINGS = _impl.COUNTS_CROSSINGS
+crossings = _impl.crossings
+reset_crossings = _impl.reset_crossings
 
 __all__ = [
-    "IMPLEMENTATION", "Arena", "KeyTable", "RateTable", "CidrSet", "CoreError",
+    "IMPLEMENTATION", "Arena", "KeyTable", "RateTable", "Admission", "CidrSet", "CoreError",
     "NO_SUCH_KEY", "KEY_REVOKED", "KEY_DISABLED", "KEY_EXPIRED", "KEY_NOT_YET_VALID", "SCOPE_DENIED",
     "KEY_IP_DENIED", "KEY_BUSY", "KEY_MALFORMED", "RATE_LIMITED", "RATE_TABLE_FULL", "UNLIMITED", "ERROR_CODE",
     "FLAG_DISABLED", "FLAG_REVOKED", "METHOD_BITS", "METHOD_OTHER", "METHOD_ALL", "WINDOWS", "LAYOUT_VERSION",
     "method_bit", "make_key", "key_well_formed", "key_id_of", "key_digest", "addr_hash", "addr_subject",
     "SUBJECT_V4", "SUBJECT_UNKNOWN", "V6_PREFIX_DEFAULT",
-    "compile_scopes", "compile_cidrs", "compile_limits",
+    "compile_scopes", "compile_cidrs", "compile_limits", "plan_id",
+    "CROSSINGS", "COUNTS_CROSSINGS", "crossings", "reset_crossings",
 ]

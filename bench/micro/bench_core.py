@@ -1,4 +1,6 @@
-"""bench_core: nanoseconds per call from Python into the core (key check, counter hit, CIDR match).
+"""bench_core: nanoseconds per call from Python into the core (key check, counter hit, CIDR match,
+and a whole keyed request: RateTable.admit() against the check_key + generation + hit_key + 4
+attribute reads it replaces).
 
 Run: pytest bench/micro --benchmark-only   (targets: key check <= 1 us, counter <= 200 ns,
 CIDR <= 200 ns, a miss after 1M rotations in a 4096-slot index <= 1 us; the 1M-key arena
@@ -44,12 +46,16 @@ def million():
     return fill(_core, BIG)
 
 
-def _keys_for(core, n, million):
+def _table_for(core, n, million):
     if n == BIG:
         if core is P:
             pytest.skip("1M keys: Cython only (the twin is a reference, not a contender)")
-        return million[1]
-    return fill(core, n)[1]
+        return million
+    return fill(core, n)
+
+
+def _keys_for(core, n, million):
+    return _table_for(core, n, million)[1]
 
 
 @pytest.mark.parametrize("n", [1, BIG], ids=["1key", "1Mkeys"])
@@ -103,6 +109,41 @@ def test_counter_hit_key(benchmark, core, windows):
     assert rates.hit_key(pid, keys, 0, NOW) >= 0
     benchmark.group = "counter hit_key"
     benchmark(rates.hit_key, pid, keys, 0, NOW)
+
+
+@pytest.mark.parametrize("n", [1, BIG], ids=["1key", "1Mkeys"])
+@pytest.mark.parametrize("case", ["admit", "admit+5reads", "old"])
+def test_keyed_request(benchmark, core, n, case, request):
+    """Steps 5-7 for a valid key under a 1-window plan: RateTable.admit() alone; admit() plus
+    the five fields a worker reads for its identity cache and RateLimit headers (generation,
+    rate, limit, remaining, reset_ms); and the sequence it replaces (check_key, generation,
+    hit_key, then limit/remaining/reset_ms/retry_after_ms). Keys drawn at random from n."""
+    arena, keys = _table_for(core, n, request.getfixturevalue("million") if n == BIG and core is not P else None)
+    rates = core.RateTable(arena)
+    pid = rates.policy("key", ["100000000/second"])
+    rates.set_plans({"": pid})
+    rnd = random.Random(3)
+    pool = [fast_key(rnd.randrange(n)) for _ in range(4096)]
+    out = core.Admission()
+    admit, check, gen, hit_key = rates.admit, keys.check_key, keys.generation, rates.hit_key
+    assert all(admit(keys, k, GET, b"/orders/1", PEER, NOW, out) >= 0 for k in pool[:64])
+    it = itertools.cycle(pool)
+    benchmark.group = f"keyed request {'1 key' if n == 1 else '1M keys'}"
+    if case == "admit":
+        benchmark(lambda: admit(keys, next(it), GET, b"/orders/1", PEER, NOW, out))
+    elif case == "admit+5reads":
+        def run():
+            if admit(keys, next(it), GET, b"/orders/1", PEER, NOW, out) >= 0:
+                return out.generation, out.rate, out.limit, out.remaining, out.reset_ms
+        benchmark(run)
+    else:
+        def run():
+            i = check(next(it), GET, b"/orders/1", PEER, NOW)
+            if i >= 0:
+                gen(i)
+                hit_key(pid, keys, i, NOW)
+                return rates.limit, rates.remaining, rates.reset_ms, rates.retry_after_ms
+        benchmark(run)
 
 
 def test_addr_subject(benchmark, core):
