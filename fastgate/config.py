@@ -403,6 +403,16 @@ def build_config(raw: Any, source: str, base_dir: str | None = None) -> Config:
                 if why:  # keys name their plan with the same rule: such a plan could never be used
                     problems.append((path, f"plan name {n!r}: {why}"))
             parts[key] = {n: _convert(v, PlanConfig, f"{path}.{n}", problems) for n, v in value.items()}
+            # Key records name their plan by a 31-bit id of the name (the core
+            # picks the plan's limits by it); two names must not share one.
+            from ._core_py import plan_id
+
+            ids: dict[int, str] = {}
+            for n in value:
+                if isinstance(n, str):
+                    other = ids.setdefault(plan_id(n), n)
+                    if other != n:
+                        problems.append((f"{path}.{n}", f"plan name {n!r} has the same plan id as {other!r}; rename one"))
         else:
             problems.append((path, f"unknown section; expected one of {', '.join(sorted([*_SECTIONS, *_LISTS, 'plans']))}"))
 

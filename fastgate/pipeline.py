@@ -65,11 +65,10 @@ def compile_route(route, w) -> tuple:
     return stages
 
 
-def identity(w, idx: int):
-    """(identity header bytes, rate policy id, RateLimit-Policy value, generation,
-    (key_id, owner, plan)) per key, cached per record generation: a plan change
-    applies on the next request."""
-    gen = w.keys.generation(idx)
+def identity(w, idx: int, gen: int):
+    """(identity header bytes, None, RateLimit-Policy value, generation,
+    (key_id, owner, plan)) per key, cached per record generation (which admit()
+    reports): a plan change applies on the next request."""
     hit = w.idcache.get(idx)
     if hit is not None and hit[3] == gen:
         return hit
@@ -82,14 +81,11 @@ def identity(w, idx: int):
         # tenant in its key section): send both so either contract holds.
         o = owner.encode("utf-8", "replace")
         hdr += b"x-fastgate-owner: %s\r\nx-fastgate-tenant: %s\r\n" % (o, o)
-    policy = w.plan_policies.get(plan)
-    if policy is None:  # no plan, or one a reload removed: the key's own limits only
-        policy = w.plan_policies[""]
     merged = dict(w.plan_limits.get(plan, {}))
     for lim in limits:
         n, unit = cfg.parse_limit(lim)
         merged[unit] = n
-    entry = (hdr, policy, policy_header(merged), gen, (key_id, owner, plan))
+    entry = (hdr, None, policy_header(merged), gen, (key_id, owner, plan))
     if len(w.idcache) > 100_000:
         w.idcache.clear()
     w.idcache[idx] = entry

@@ -69,6 +69,7 @@ def apply(table, rec, now: int | None = None) -> None:
     table.put(
         rec.slot,
         rec.digest,
+        plan_id=core.plan_id(rec.plan),  # admit() picks the plan's rate policy by this id
         flags=core.FLAG_REVOKED if rec.revoked_at else 0,
         expires_ms=expires_ms(rec),
         scopes=rec.scopes or None,

@@ -28,6 +28,7 @@ cdef int64_t _SCOPE_DENIED = _core.SCOPE_DENIED
 cdef int64_t _KEY_IP_DENIED = _core.KEY_IP_DENIED
 cdef int64_t _UNLIMITED = _core.UNLIMITED
 cdef int64_t _RATE_TABLE_FULL = _core.RATE_TABLE_FULL
+cdef int64_t _RATE_LIMITED = _core.RATE_LIMITED
 cdef dict _ERROR_CODE = _core.ERROR_CODE
 cdef object _method_bit = _core.method_bit
 
@@ -163,9 +164,11 @@ cdef class KeyCredential(Stage):
     cdef bytes header
     cdef bytes param
     cdef dict bits
+    cdef object admission
 
     def __init__(self, route, w):
         Stage.__init__(self, route, w)
+        self.admission = w.admission
         self.keys = w.keys
         self.rates = w.rates
         self.header = w.key_header
@@ -191,16 +194,22 @@ cdef class KeyCredential(Stage):
         bit = self.bits.get(method)
         if bit is None:
             bit = _method_bit(method)
-        cdef int64_t idx = self.keys.check_key(key, bit, ex.path, packed, now_ms)
-        ex.verdict = idx
-        if idx >= 0:
-            ident = self.w.identity(idx)
+        # key + scope + key CIDRs + rate limits: one call into the core
+        adm = self.admission
+        cdef int64_t st = self.rates.admit(self.keys, key, bit, ex.path, packed, now_ms, adm)
+        cdef int64_t idx
+        if st >= 0 or st == _RATE_LIMITED:
+            idx = st if st >= 0 else adm.index
+            ident = self.w.identity(idx, adm.generation)
+            ex.verdict = idx
             ex.identity = ident[0]
             ex.key = ident[4]
             ex.key_index = idx
-            ex.rate = self.rates.hit_key(ident[1], self.keys, idx, now_ms)
+            ex.rate = adm.rate  # the rate stage answers from it (the core left its fields set)
             ex.policy = ident[2]
             return True
+        idx = st
+        ex.verdict = idx
         if idx == _SCOPE_DENIED or idx == _KEY_IP_DENIED:
             return True  # the scope stage answers
         code = _ERROR_CODE.get(idx, "key_invalid")

@@ -68,6 +68,7 @@ class Worker:
         self.keys = core.KeyTable(arena, secret=secret)
         self.rates = core.RateTable(arena)
         self.idcache: dict = {}
+        self.admission = core.Admission()  # the core's answer for a key, reused by every request
         self.method_bits = {m.encode(): core.method_bit(m.encode()) for m in cfg.HTTP_METHODS}
         self.sock = sock
         self.ctl = ctl
@@ -130,6 +131,7 @@ class Worker:
         self.authfail_policy = None if fal == "off" else self.rates.policy("authfail", [fal], where="keys",
                                                                             on_full="evict")
         self.v6_prefix = config.ip.v6_subject_prefix
+        self.rates.set_plans(self.plan_policies, where="plans")  # "" = no plan, or one this worker lacks
         self.idcache = {}
         for route in self.router.routes:
             route.stages = pipeline.compile_route(route, self)
@@ -222,8 +224,8 @@ class Worker:
     def handle(self, ex) -> None:
         _http.handle(self, ex)
 
-    def identity(self, idx: int):
-        return pipeline.identity(self, idx)
+    def identity(self, idx: int, gen: int):
+        return pipeline.identity(self, idx, gen)
 
     def addr_subject(self, packed: bytes) -> int:
         """The rate subject of a client address: IPv4 by address, IPv6 by its
