@@ -46,6 +46,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes
 from cpython.list cimport PyList_Append
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
+from cpython.unicode cimport PyUnicode_DecodeASCII
 
 cdef extern from "arpa/inet.h" nogil:
     int inet_pton(int af, const char *src, void *dst)
@@ -1418,6 +1419,7 @@ cdef bint _authority(const uint8_t *p, Py_ssize_t n) noexcept:
     port = _digits(p + j, n - j)
     return 1 <= port <= 65535
 
+include "http/out.pxi"
 include "http/proxy.pxi"
 include "http/stages.pxi"
 include "http/meter.pxi"

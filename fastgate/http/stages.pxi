@@ -4,8 +4,6 @@
 # in Python subclasses Stage and overrides run() (cpdef: a Cython stage is a C
 # call, a Python one a normal method call).
 
-from libc.stdio cimport snprintf
-
 from urllib.parse import unquote_to_bytes as _unquote_to_bytes
 
 from fastgate import core as _core
@@ -46,19 +44,23 @@ cpdef bytes rate_headers(rt, bytes policy):
 
 
 cdef bytes _rate_fields(long long limit, long long remaining, long long reset, bytes policy):
-    cdef char a[160]
-    cdef char b[160]
-    cdef int na = snprintf(a, sizeof(a), "ratelimit-limit: %lld\r\nratelimit-remaining: %lld\r\nratelimit-reset: %lld\r\n",
-                           limit, remaining, reset)
-    cdef int nb = snprintf(b, sizeof(b), "x-ratelimit-limit: %lld\r\nx-ratelimit-remaining: %lld\r\n"
-                           "x-ratelimit-reset: %lld\r\n", limit, remaining, reset)
-    cdef Py_ssize_t np = PyBytes_GET_SIZE(policy)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, na + np + nb)
-    cdef char *o = PyBytes_AS_STRING(out)
-    memcpy(o, a, na)
-    memcpy(o + na, PyBytes_AS_STRING(policy), np)
-    memcpy(o + na + np, b, nb)
-    return out
+    _ob_reset()
+    _ob_bytes(b"ratelimit-limit: ")
+    _ob_int(limit)
+    _ob_bytes(b"\r\nratelimit-remaining: ")
+    _ob_int(remaining)
+    _ob_bytes(b"\r\nratelimit-reset: ")
+    _ob_int(reset)
+    _ob_bytes(b"\r\n")
+    _ob_bytes(policy)
+    _ob_bytes(b"x-ratelimit-limit: ")
+    _ob_int(limit)
+    _ob_bytes(b"\r\nx-ratelimit-remaining: ")
+    _ob_int(remaining)
+    _ob_bytes(b"\r\nx-ratelimit-reset: ")
+    _ob_int(reset)
+    _ob_bytes(b"\r\n")
+    return _ob_take()
 
 
 cdef rate_limited(Exchange ex, rt, int64_t r, bytes policy):
@@ -457,41 +459,66 @@ cpdef send(w, Exchange ex):
 
 
 cpdef bytes build_head(w, Exchange ex, target):
+    """The upstream request head, copied into the output buffer in one pass."""
     cdef ClientConnection conn = ex.conn
     route = ex.route
     cdef bytes path = ex.up_path or ex.path
-    cdef bytes peer = conn.peer.encode()
+    cdef bytes peer = conn.peer_text
     cdef bint trusted = conn.trusted
-    cdef bytes xff = ex.xff + b", " + peer if trusted and ex.xff else peer
     cdef bytes host = ex.host or b""
     cdef Head h = ex.head
     cdef bytes proto = h.xfp if trusted and h.xfp else b"http"
-    cdef list parts = [ex.method, b" ", path, ex.query, b" HTTP/1.1\r\nhost: ",
-                       host if route.preserve_host and host else target.host_header, b"\r\n"]
     cdef tuple f
+    _ob_reset()
+    _ob_bytes(ex.method)
+    _ob_bytes(b" ")
+    _ob_bytes(path)
+    _ob_bytes(ex.query)
+    _ob_bytes(b" HTTP/1.1\r\nhost: ")
+    _ob_bytes(host if route.preserve_host and host else target.host_header)
+    _ob_bytes(b"\r\n")
     for f in ex.headers:
-        parts += (f[1], b": ", f[2], b"\r\n")
+        _ob_bytes(<bytes>f[1])
+        _ob_bytes(b": ")
+        _ob_bytes(<bytes>f[2])
+        _ob_bytes(b"\r\n")
     if ex.identity:
-        parts.append(ex.identity)
-    parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", proto, b"\r\nx-forwarded-host: ",
-              h.xfh if trusted and h.xfh else host, b"\r\nx-request-id: ", ex.request_id.encode(), b"\r\n")
+        _ob_bytes(ex.identity)
+    _ob_bytes(b"x-forwarded-for: ")
+    if trusted and ex.xff:
+        _ob_bytes(ex.xff)
+        _ob_bytes(b", ")
+    _ob_bytes(peer)
+    _ob_bytes(b"\r\nx-forwarded-proto: ")
+    _ob_bytes(proto)
+    _ob_bytes(b"\r\nx-forwarded-host: ")
+    _ob_bytes(h.xfh if trusted and h.xfh else host)
+    _ob_bytes(b"\r\nx-request-id: ")
+    _ob_bytes(ex.request_id.encode())
+    _ob_bytes(b"\r\n")
     if w.forwarded_header:
-        parts.append(forwarded_element(conn.peer, host, proto))
+        _ob_bytes(forwarded_element(conn.peer, host, proto))
     if ex.chunked:
         if ex.body_done:
             # read and validated whole: the upstream gets it with a length,
             # as nginx sends a buffered body
             ex.up_chunked = False
-            parts.append(b"content-length: %d\r\n" % ex.body_seen)
+            _ob_bytes(b"content-length: ")
+            _ob_int(ex.body_seen)
+            _ob_bytes(b"\r\n")
         else:
             ex.up_chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
+            _ob_bytes(b"transfer-encoding: chunked\r\n")
     elif ex.length is not None:
-        parts.append(b"content-length: %d\r\n" % ex.length)
+        _ob_bytes(b"content-length: ")
+        _ob_int(ex.length)
+        _ob_bytes(b"\r\n")
     if ex.upgrade is not None:
-        parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        _ob_bytes(b"connection: upgrade\r\nupgrade: ")
+        _ob_bytes(ex.upgrade)
+        _ob_bytes(b"\r\n")
+    _ob_bytes(b"\r\n")
+    return _ob_take()
 
 
 cpdef bytes forwarded_element(str peer, bytes host, bytes proto):

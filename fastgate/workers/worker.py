@@ -79,8 +79,6 @@ class Worker:
         self.now = 0.0
         self.generation = 0
         self.targets: dict = {}
-        self._rid_prefix = ""
-        self._rid = 0
         self.stats = stats
         self.meter = _http.Meter(LATENCY_BUCKETS)  # requests, latency, per-key usage
         self.m_upstream: dict = {}  # target -> [connects, reuses, connect_errors]
@@ -191,8 +189,7 @@ class Worker:
         return self.ip.is_trusted(peer)
 
     def next_request_id(self) -> str:
-        self._rid += 1
-        return f"{self._rid_prefix}{self._rid:08x}"
+        return _http.next_request_id()
 
     def count_status(self, status: int) -> None:
         self.meter.count_status(status)
@@ -373,7 +370,7 @@ class Worker:
         loop = self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         self._pending_connects = {}
-        self._rid_prefix = secrets.token_hex(4)
+        _http.set_request_id_prefix(secrets.token_hex(4))
         self._reader = MessageReader()
         self.now = loop.time()
         for sig in (signal.SIGTERM, signal.SIGINT):
