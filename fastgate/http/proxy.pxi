@@ -111,6 +111,19 @@ cdef inline bint _plain_path(bytes path) noexcept:
     return True
 
 
+cdef inline _pool_put(target, UpstreamConn up, double now):
+    """Target.put in C: the connection becomes the warmest idle one."""
+    cdef int max_idle = target.max_idle
+    if max_idle == 0:
+        up.transport.close()
+        return
+    up.idle_until = now + target.idle_timeout
+    idle = target.idle
+    idle.append(up)
+    if len(idle) > max_idle:
+        idle.popleft().transport.close()
+
+
 cdef class ClientConnection
 cdef class UpstreamConn
 cdef class Meter
@@ -722,7 +735,7 @@ cdef class ClientConnection:
         up.ex = None
         if reusable and ex.body_done and not up.closed and ex.upgrade is None:
             up.reused = True
-            up.target.put(up, self.w.now)
+            _pool_put(up.target, up, self.w.now)
         elif not up.closed:
             if ex.body_done:
                 up.transport.close()

@@ -167,10 +167,12 @@ cdef class KeyCredential(Stage):
     cdef bytes param
     cdef dict bits
     cdef object admission
+    cdef dict idcache
 
     def __init__(self, route, w):
         Stage.__init__(self, route, w)
         self.admission = w.admission
+        self.idcache = w.idcache
         self.keys = w.keys
         self.rates = w.rates
         self.header = w.key_header
@@ -202,7 +204,10 @@ cdef class KeyCredential(Stage):
         cdef int64_t idx
         if st >= 0 or st == _RATE_LIMITED:
             idx = st if st >= 0 else adm.index
-            ident = self.w.identity(idx, adm.generation)
+            gen = adm.generation
+            ident = self.idcache.get(idx)
+            if ident is None or (<tuple>ident)[3] != gen:
+                ident = self.w.identity(idx, gen)
             ex.verdict = idx
             ex.identity = ident[0]
             ex.key = ident[4]
@@ -387,17 +392,48 @@ cpdef bytes host_name(bytes authority):
     return authority.split(b":", 1)[0].lower()
 
 
+cdef inline object _walk(dict table, bytes path):
+    """Router._walk in C: the longest prefix of path, on segment boundaries."""
+    cdef PyObject *r
+    cdef bytes p = path
+    cdef Py_ssize_t i
+    while True:
+        r = PyDict_GetItem(table, p)
+        if r != NULL:
+            return <object>r
+        i = p.rfind(b"/")
+        if i <= 0:
+            r = PyDict_GetItem(table, b"/")
+            return None if r == NULL else <object>r
+        p = p[:i]
+
+
+cdef object _route_match(router, bytes host, bytes path):
+    """Router.match in C (host routes win over host-less ones)."""
+    cdef dict by_host = router.by_host
+    cdef dict any_host = router.any_host
+    cdef PyObject *t
+    if by_host and host:
+        t = PyDict_GetItem(by_host, host_name(host))
+        if t != NULL:
+            r = _walk(<dict>t, path)
+            if r is not None:
+                return r
+    if any_host:
+        return _walk(any_host, path)
+    return None
+
+
 cdef object route_stage(w, Exchange ex):
     """Stage 'route': host + longest prefix + methods, with the method a route
     that honours method override checks instead. None: answered."""
     cdef ClientConnection conn = ex.conn
-    router = w.router
-    route = router.match(host_name(ex.host) if router.by_host and ex.host else None, ex.path)
+    route = _route_match(w.router, ex.host, ex.path)
     if route is None:
         conn.local_reply(ex, "no_route", "no route matches this host and path")
         return None
     ex.route = route
-    if route.reject_double_encoding and _double_encoded(ex.path):
+    if route.reject_double_encoding and b"%25" in ex.path and _double_encoded(ex.path):
         conn.local_reply(ex, "bad_request", "double-encoded '.', '/' or '\\' in the path")
         return None
     method = ex.method
@@ -447,12 +483,17 @@ cpdef proxy(w, Exchange ex, target):
 
 cpdef send(w, Exchange ex):
     target = ex.target
-    cdef UpstreamConn up = target.get() if ex.upgrade is None else None
-    c = w.m_upstream.get(target.name)
-    if c is None:
-        c = w.m_upstream[target.name] = [0, 0, 0]
+    cdef UpstreamConn up = None
+    cdef list c = target.counts  # [connects, reuses, connect errors]
+    if ex.upgrade is None:
+        idle = target.idle  # warmest first (LIFO)
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                break
+            up = None
     if up is not None:
-        c[1] += 1
+        c[1] = c[1] + 1
         ex.conn.send_upstream(ex, up, build_head(w, ex, target))
         return
     w.connect(ex, target)

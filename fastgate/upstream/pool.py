@@ -10,13 +10,15 @@ from ..config import UpstreamConfig, parse_hostport
 class Target:
     """One host:port with its idle keep-alive connections (LIFO: warmest first)."""
 
-    __slots__ = ("name", "host", "port", "host_header", "idle", "max_idle", "idle_timeout", "connect_timeout", "read_timeout")
+    __slots__ = ("name", "host", "port", "host_header", "idle", "max_idle", "idle_timeout", "connect_timeout", "read_timeout",
+                 "counts")
 
     def __init__(self, addr: str, uc: UpstreamConfig):
         self.host, self.port = parse_hostport(addr)
         self.name = addr
         self.host_header = addr.encode()
         self.idle: deque = deque()
+        self.counts = [0, 0, 0]  # connects, reuses, connect errors (the worker's /metrics; kept across reloads)
         self.apply(uc)
 
     def apply(self, uc: UpstreamConfig) -> None:
@@ -27,7 +29,7 @@ class Target:
         while len(self.idle) > self.max_idle:
             self.idle.popleft().transport.close()
 
-    def get(self):
+    def get(self):  # (the data plane does this in C: fastgate/http/stages.pxi send())
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -35,7 +37,7 @@ class Target:
                 return conn
         return None
 
-    def put(self, conn, now: float) -> None:
+    def put(self, conn, now: float) -> None:  # (and this: proxy.pxi _pool_put)
         if self.max_idle == 0:
             conn.transport.close()
             return

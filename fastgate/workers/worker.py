@@ -81,7 +81,7 @@ class Worker:
         self.targets: dict = {}
         self.stats = stats
         self.meter = _http.Meter(LATENCY_BUCKETS)  # requests, latency, per-key usage
-        self.m_upstream: dict = {}  # target -> [connects, reuses, connect_errors]
+        self._upstream_seen: dict = {}
         self._next_publish = 0.0
         self.access = None
         self._log_base = [0, 0]
@@ -197,6 +197,17 @@ class Worker:
     def account(self, ex) -> None:
         self.meter.account(ex)
 
+    def upstream_counts(self) -> dict:
+        """target -> [connects, reuses, connect errors], counted on the targets
+        themselves; those a reload dropped keep their last totals here."""
+        seen = self._upstream_seen
+        for name, t in self.targets.items():
+            old = seen.get(name)
+            if old is not None and old is not t.counts:  # a target dropped and added back: go on from its totals
+                t.counts[:] = [a + b for a, b in zip(old, t.counts)]
+            seen[name] = t.counts
+        return dict(self._upstream_seen)
+
     def publish_stats(self) -> None:
         """About once a second: the snapshot for GET /metrics, and usage deltas."""
         stats = self.stats
@@ -208,7 +219,7 @@ class Worker:
         stats.publish(self.index, {
             "requests": meter.requests(),
             "latency": meter.latencies(),
-            "upstream": self.m_upstream,
+            "upstream": self.upstream_counts(),
             "idle": {t.name: len(t.idle) for t in self.targets.values()},
             "connections": len(self.conns),
             "connections_refused": self.conns_refused,
@@ -261,10 +272,7 @@ class Worker:
         transport.close()
 
     def connect(self, ex, target) -> None:
-        c = self.m_upstream.get(target.name)
-        if c is None:
-            c = self.m_upstream[target.name] = [0, 0, 0]
-        c[0] += 1
+        target.counts[0] += 1
         fut = asyncio.ensure_future(
             self.loop.create_connection(functools.partial(UpstreamConn, target), target.host, target.port)
         )
@@ -284,7 +292,7 @@ class Worker:
             return
         exc = fut.exception()
         if exc is not None:
-            self.m_upstream[target.name][2] += 1
+            target.counts[2] += 1
             ex.up_head = None
             if not conn.closed and conn.active is ex and not ex.done:
                 conn.upstream_failed(ex, "upstream_unavailable", f"cannot connect to upstream {target.host}:{target.port}")
