@@ -1,4 +1,4 @@
-"""fastgate: a key-based API gateway (uvloop + httptools workers, Cython shared-memory core)."""
+"""fastgate: a key-based API gateway (uvloop workers on a Cython HTTP data plane and shared-memory core)."""
 
 from ._version import __version__
 
