@@ -89,6 +89,8 @@ class Worker:
         self.conns_refused = 0
         self.upstream_cuts = 0
         self._refuse_logged = 0.0
+        self._pending_connects: dict = {}
+        self._reader = MessageReader()
         self.apply(config)
 
     # -- config ---------------------------------------------------------------
@@ -377,9 +379,7 @@ class Worker:
     def run(self) -> None:
         loop = self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        self._pending_connects = {}
         _http.set_request_id_prefix(secrets.token_hex(4))
-        self._reader = MessageReader()
         self.now = loop.time()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain)
