@@ -72,7 +72,8 @@ cdef class Meter:
         self._count(((0 * 8 + status // 100) * 64 + self._decision("parse" if status >= 400 else "proxied")) * 4096)
 
     cpdef account(self, Exchange ex):
-        route = ex.route
+        cdef Decision d = ex.d
+        route = d.route
         cdef int rid = 0 if route is None else self._route(route.name)
         cdef int cls = ex.status // 100
         cdef int did
@@ -80,10 +81,10 @@ cdef class Meter:
             did = 0
         else:
             did = self._decision(_STAGE_OF.get(ex.error, "internal"))
-        key = ex.key
+        key = d.key
         cdef int pid = 0 if key is None else self._plan(key[2])
         self._count((((<long long>rid * 8 + cls) * 64 + did) * 4096) + pid)
-        cdef double dt = (_now_ns() - ex.t0) / 1e9
+        cdef double dt = ((ex.t.end or _now_ns()) - ex.t.start) / 1e9
         cdef int lo = 0, hi = self.nbounds, mid
         while lo < hi:  # bisect_left over the bucket bounds
             mid = (lo + hi) >> 1
@@ -96,9 +97,9 @@ cdef class Meter:
         h[self.nbounds + 1] = h[self.nbounds + 1] + dt
         cdef list u
         if key is not None:
-            u = self.usage.get(ex.key_index)
+            u = self.usage.get(d.key_index)
             if u is None:
-                u = self.usage[ex.key_index] = [0, 0, 0, 0, 0, 0, 0]
+                u = self.usage[d.key_index] = [0, 0, 0, 0, 0, 0, 0]
             if 1 <= cls <= 5:
                 u[cls - 1] = u[cls - 1] + 1
             u[5] = u[5] + ex.body_seen

@@ -21,6 +21,20 @@
 # Pipelined requests are queued in arrival order and answered in that order;
 # at most one exchange per connection talks to an upstream at a time.
 #
+# Per-request state, one owner per object (each is written only by its own
+# methods, or by the one party named here; the others read it):
+# - Head: the parsed request head (the parser).
+# - Exchange: the request body as it arrives and the response towards the
+#   client (status, framing, bytes out); driven by its ClientConnection.
+# - Decision: what the pipeline decided (route, client address, key, rate
+#   answer, the fields and path the upstream gets); written by the stages.
+# - Leg: the upstream side of the exchange (the connection it holds or the
+#   connect it waits on, the body framing towards it).
+# - Timings: when the exchange started, went upstream, got its response
+#   head and ended.
+# The upstream side knows the client side only as a ResponseSink: head,
+# body, end, failure, loss, upgrade, and backpressure; no back-references.
+#
 # Timers (one deadline per connection, swept by the worker): a connection that
 # never sent a byte of a request, or an idle keep-alive one, is closed
 # silently; a head that does not complete in header_timeout gets 408; a body
@@ -111,133 +125,525 @@ cdef inline bint _plain_path(bytes path) noexcept:
     return True
 
 
-cdef inline _pool_put(target, UpstreamConn up, double now):
-    """Target.put in C: the connection becomes the warmest idle one."""
-    cdef int max_idle = target.max_idle
-    if max_idle == 0:
-        up.transport.close()
-        return
-    up.idle_until = now + target.idle_timeout
-    idle = target.idle
-    idle.append(up)
-    if len(idle) > max_idle:
-        idle.popleft().transport.close()
-
-
 cdef class ClientConnection
 cdef class UpstreamConn
 cdef class Meter
 
 
-cdef class Exchange:
-    """One request/response. Lives from the request head to the response end.
-    Public fields are read by the pipeline's stages and the worker."""
+cdef class Timings:
+    """When one exchange did what (monotonic ns). Written only by its Exchange."""
 
-    cdef public ClientConnection conn
-    cdef public Head head
-    cdef public bytes method
-    cdef public bytes path
-    cdef public bytes query
-    cdef public str version
-    cdef public bint keep_alive
-    cdef public str request_id
+    cdef readonly int64_t start       # the request head was parsed
+    cdef readonly int64_t sent        # its head went to an upstream connection (0: never)
+    cdef readonly int64_t response    # the upstream's response head arrived (0: none)
+    cdef readonly int64_t end         # the exchange ended (0: not yet)
+
+    @property
+    def total_us(self):
+        return ((self.end or _now_ns()) - self.start) // 1000
+
+    @property
+    def upstream_us(self):
+        """Start to the upstream's response head, or None."""
+        return (self.response - self.start) // 1000 if self.response else None
+
+
+cdef class Decision:
+    """What the pipeline decided for one request. Written by the stages
+    (stages.pxi, and stages written in Python); read by the upstream head,
+    the access log and the meter."""
+
     cdef public object route
-    cdef public bytes host
-    cdef public list headers
-    cdef public bint chunked
-    cdef public object length          # int, or None
-    cdef public bint expect
-    cdef public bytes upgrade
-    cdef public bytes xff
-    cdef public list body_buf
-    cdef public bint body_done
-    cdef public int64_t body_seen
-    cdef public bint streaming         # the body goes upstream as it arrives
-    cdef public bint waiting           # admitted; waits for its whole body before the upstream
-    cdef public bint continued         # 100 Continue sent
-    cdef public bint up_chunked        # the upstream gets chunked framing from us
-    cdef public UpstreamConn up
-    cdef public object up_head         # the pending connect, while there is one
-    cdef public bint resp_started
-    cdef public int resp_frame
-    cdef public bint retried
-    cdef public int status
-    cdef public bint done
-    cdef public list tunnel_buf
-    cdef public bytes identity
-    cdef public bytes resp_extra
-    cdef public int64_t t0
-    cdef public int64_t t_head
-    cdef public int64_t bytes_out
-    cdef public object error           # the error code of a local reply, or how the exchange broke
-    cdef public object key             # (key_id, owner, plan) once a key is accepted
-    cdef public object client
-    cdef public object target
-    cdef public int64_t key_index
+    cdef public object client          # the client address (str), once client_ip ran
     cdef public bytes authz_method     # what routes and scopes check (a route may honour method override)
-    cdef public int64_t verdict        # the core's answer for the key
-    cdef public int64_t rate
-    cdef public bytes policy
+    cdef public list headers           # the fields the upstream gets: (lower-case name, name, value)
+    cdef public bytes query            # the query the upstream gets (the key's parameter removed)
     cdef public bytes up_path          # the path the upstream gets, when a rewrite changed it
+    cdef public bytes identity         # x-fastgate-* fields naming the key to the upstream
+    cdef public object key             # (key_id, owner, plan) once a key is accepted
+    cdef public int64_t key_index
+    cdef public int64_t verdict        # the core's answer for the key
+    cdef public int64_t rate           # the core's answer for the key's limits
+    cdef public bytes policy           # the RateLimit-Policy field of those limits
+    cdef public bytes resp_extra       # fields added to the response (rate-limit state)
+    cdef public object target          # the upstream target chosen
 
-    def __init__(self, ClientConnection conn, Head h, bytes path, str request_id):
-        self.conn = conn
-        self.head = h
-        self.method = h.method
-        self.path = path
-        self.query = h.query
-        self.version = "1.1" if h.version == 11 else "1.0"
-        self.keep_alive = h.keep_alive
-        self.request_id = request_id
-        self.route = None
-        self.host = h.host
+    def __init__(self, Head h):
         cdef list headers = h.headers
         cdef list tokens = h.conn_tokens
         if tokens:  # fields named in Connection are hop-by-hop too
             drop = set(tokens)
             headers = [f for f in headers if f[0] not in drop]
         self.headers = headers
-        self.chunked = h.chunked
-        self.length = h.length if h.length >= 0 else None
-        self.expect = h.expect_continue and h.version == 11
-        self.upgrade = h.upgrade
-        self.xff = h.xff
-        self.body_done = not (h.chunked or h.length > 0)
-        self.tunnel_buf = [] if h.upgrade is not None else None
-        self.resp_extra = b""
-        self.t0 = _now_ns()
-        self.key_index = -1
+        self.query = h.query
         self.authz_method = h.method
+        self.key_index = -1
         self.policy = b""
+        self.resp_extra = b""
+
+
+cdef class Leg:
+    """The upstream side of one exchange: the connection it holds, or the
+    connect it waits on, and how its body is framed. Written only here."""
+
+    cdef readonly UpstreamConn up
+    cdef readonly object pending       # the connect future, while there is one
+    cdef readonly bint chunked         # the upstream gets chunked framing from us
+    cdef readonly bint retried
+
+    cdef inline bint streaming(self):
+        """Connected and its head sent: body bytes go straight through."""
+        return self.up is not None and self.pending is None
+
+    cdef connecting(self, fut):
+        self.up = None
+        self.pending = fut
+
+    cdef attach(self, UpstreamConn up, bint chunked):
+        self.pending = None
+        self.up = up
+        self.chunked = chunked
+
+    cdef UpstreamConn release(self):
+        """Let go of the connection (its owner pools or closes it)."""
+        cdef UpstreamConn up = self.up
+        self.up = None
+        return up
+
+    cdef cut(self):
+        """Drop the connection with a reset: it must never take what it got
+        for a complete request, and is never pooled."""
+        cdef UpstreamConn up = self.release()
+        if up is not None:
+            up.cut()
+
+    cdef retry(self):
+        self.retried = True
+        self.up = None
+
+
+cdef class ResponseSink:
+    """All an upstream connection knows of the client side: where a response
+    goes, and who to tell about backpressure and failure."""
+
+    cdef double clock(self):
+        return 0.0
+
+    cdef begin(self):
+        """A read from the upstream starts: what it produces leaves in one write."""
+
+    cdef flush(self):
+        """That read is done."""
+
+    cdef bint sent_whole(self):
+        """The whole request body went out (else the connection must be reset)."""
+        return False
+
+    cdef response_head(self, ResponseHead rh):
+        pass
+
+    cdef response_body(self, bytes data):
+        pass
+
+    cdef response_end(self):
+        """The response is complete (the connection was pooled or closed)."""
+
+    cpdef upstream_failed(self, str code, str message):
+        """The upstream cannot answer (the connection is gone)."""
+
+    cdef upstream_lost(self, bint silent_reuse):
+        """The connection closed before a complete response. silent_reuse: it
+        was a pooled one that never sent a byte (a request may be retried)."""
+
+    cdef bint upstream_tunnel(self, UpstreamConn up, bytes rest) except -1:
+        """The upstream answered 101; False: the client side cannot tunnel."""
+        return False
+
+    cdef upstream_paused(self):
+        """The upstream cannot take more request body for now."""
+
+    cdef upstream_resumed(self):
+        pass
+
+
+cdef class Exchange(ResponseSink):
+    """One request/response, from the request head to the response end: the
+    request body as it arrives and the response towards the client. Driven by
+    its ClientConnection; an upstream connection reaches it as a ResponseSink."""
+
+    cdef readonly ClientConnection conn
+    cdef readonly Head head
+    cdef readonly bytes path           # normalised
+    cdef readonly str request_id
+    cdef readonly Decision d
+    cdef readonly Leg leg
+    cdef readonly Timings t
+    cdef readonly bint keep_alive
+    # the request body
+    cdef readonly bint body_done
+    cdef readonly int64_t body_seen
+    cdef readonly bint streaming       # the body goes upstream as it arrives
+    cdef readonly bint waiting         # admitted; waits for its whole body before the upstream
+    cdef bint continued                # 100 Continue sent
+    cdef list body_buf
+    cdef list tunnel_buf               # bytes after an upgrade head, held until the 101
+    # the response towards the client
+    cdef readonly int status
+    cdef readonly object error         # the error code of a local reply, or how the exchange broke
+    cdef readonly bint resp_started
+    cdef int resp_frame
+    cdef readonly int64_t bytes_out
+    cdef readonly bint done
+
+    def __init__(self, ClientConnection conn, Head h, bytes path, str request_id):
+        self.conn = conn
+        self.head = h
+        self.path = path
+        self.request_id = request_id
+        self.keep_alive = h.keep_alive
+        self.d = Decision(h)
+        self.leg = Leg()
+        self.t = Timings()
+        self.t.start = _now_ns()
+        self.body_done = not (h.chunked or h.length > 0)
+        if h.upgrade is not None:
+            self.tunnel_buf = []
+
+    # -- for the stages and the worker (Python-visible) ----------------------------
+    @property
+    def method(self):
+        return self.head.method
+
+    @property
+    def length(self):
+        """Content-Length, or None."""
+        return self.head.length if self.head.length >= 0 else None
+
+    cpdef reply(self, str code, str message, bytes extra=b""):
+        """Answer the request ourselves (a denial, or an upstream failure)."""
+        cdef ClientConnection conn = self.conn
+        cdef Head h = self.head
+        cdef bint close = not self.keep_alive or not self.body_done or conn.w.draining or h.upgrade is not None
+        self.resp_started = True
+        self.status = _ERROR_STATUS[code]
+        self.error = code
+        conn.write(_error_reply(code, message, self.request_id, close=close, extra=extra,
+                                head_only=h.method == b"HEAD"))
+        conn.finish(self, close)
+
+    cpdef continue_body(self):
+        """The request is admitted: a client waiting on Expect may send its body."""
+        if not self.continued and not self.body_done and self.head.expect_continue and self.head.version == 11:
+            self.continued = True
+            self.conn.write(_CONTINUE_100)
+
+    cpdef admitted(self):
+        """The pipeline is through: a body up to request_buffer is read whole
+        first; a larger one streams from here. True: go upstream now."""
+        cdef int64_t rb
+        if self.body_done:
+            return True
+        rb = self.d.route.request_buffer
+        cdef int64_t n = self.head.length
+        if n > rb or self.body_seen > rb:
+            self.streaming = True
+            return True
+        self.waiting = True
+        self.continue_body()
+        return False
+
+    cpdef connecting(self, fut):
+        self.leg.connecting(fut)
+
+    cpdef connected(self, fut, target, w):
+        """The connect for this exchange finished (done, failed or cancelled)."""
+        cdef ClientConnection conn = self.conn
+        cdef bint wanted = not conn.closed and conn.active is self and not self.done
+        self.leg.attach(None, False)
+        if fut.cancelled():
+            if wanted:
+                self.upstream_failed("upstream_timeout", f"connecting to {target.host}:{target.port} timed out")
+            return
+        if fut.exception() is not None:
+            target.counts[2] += 1
+            if wanted:
+                self.upstream_failed("upstream_unavailable", f"cannot connect to upstream {target.host}:{target.port}")
+            return
+        cdef UpstreamConn up = fut.result()[1]
+        if not wanted:
+            up.transport.close()
+            return
+        self.send(up, build_head(w, self, target))
+
+    cpdef bint overdue(self, double now):
+        """The upstream has not answered within its read timeout."""
+        cdef UpstreamConn up = self.leg.up
+        return up is not None and not self.done and now >= up.deadline
+
+    # -- request side, driven by the ClientConnection ---------------------------------
+    cdef bint take_body(self, bytes body) except -1:
+        """A body chunk arrived; False: it broke the route's body limit."""
+        cdef Py_ssize_t n = len(body)
+        cdef ClientConnection conn = self.conn
+        self.body_seen += n
+        if self.done:
+            return True  # answered already (a refusal): the rest is read and dropped
+        route = self.d.route
+        if route is not None and self.body_seen > route.max_body:
+            return False
+        cdef Leg leg = self.leg
+        if leg.streaming():
+            leg.up.send_body(body, leg.chunked, conn.w.now)
+            return True
+        if self.body_buf is None:
+            self.body_buf = []
+        self.body_buf.append(body)
+        if self.waiting and self.body_seen > route.request_buffer and self.head.seq != conn.doomed:
+            # Past what we buffer: from here the body streams.
+            self.waiting = False
+            self.streaming = True
+            send(conn.w, self)
+        elif not self.waiting and self.body_seen > WRITE_HIGH and leg.up is None:
+            # Held for a queued exchange or a pending connect: bound it.
+            conn.pause_reading(4)
+        return True
+
+    cdef body_end(self):
+        self.body_done = True
+        if self.done:
+            return
+        if self.waiting:
+            self.waiting = False
+            send(self.conn.w, self)
+            return
+        cdef Leg leg = self.leg
+        if leg.streaming() and leg.chunked:
+            leg.up.send_raw(b"0\r\n\r\n")
+
+    cdef hold(self, bytes data):
+        """Bytes after an upgrade head: kept until the upstream's 101."""
+        if self.tunnel_buf is None:
+            return
+        self.tunnel_buf.append(data)
+        if sum(map(len, self.tunnel_buf)) > WRITE_HIGH:
+            self.conn.pause_reading(4)
+
+    cdef body_broken(self, str code, str message):
+        """The request's own body is malformed, too slow or too large."""
+        self.body_done = False
+        self.waiting = False
+        self.upstream_failed(code, message)
+
+    cpdef send(self, UpstreamConn up, bytes head):
+        """Hand the request to an upstream connection: the head and whatever
+        body arrived already; the rest streams."""
+        self.continue_body()
+        cdef Head h = self.head
+        cdef bint chunked = h.chunked and not self.body_done  # a whole body goes with a length
+        cdef list buf = self.body_buf
+        cdef list parts
+        if buf:
+            self.body_buf = None
+            parts = [head]
+            if chunked:
+                for b in buf:
+                    parts += (b"%x\r\n" % len(b), b, b"\r\n")
+            else:
+                parts += buf
+            data = b"".join(parts)
+            self.conn.resume_reading(4)
+        else:
+            data = head
+        self.leg.attach(up, chunked)
+        self.t.sent = _now_ns()
+        up.start(self, data, self.conn.w.now, h.method == b"HEAD", h.upgrade is not None)
+        if self.conn.write_paused:
+            up.pause()
+
+    cdef abandon(self):
+        """The client went away mid-exchange."""
+        self.leg.cut()
+        if self.done:
+            return
+        self.done = True
+        self.t.end = _now_ns()
+        self.error = "client_closed"
+        if not self.status:
+            self.status = 499
+
+    cdef ended(self):
+        self.done = True
+        self.t.end = _now_ns()
+
+    cdef internal_error(self):
+        """A bug while handling this request: 500 if nothing was sent, and close."""
+        self.keep_alive = False
+        self.reply("internal_error", "internal error")
+
+    # -- ResponseSink: the upstream side ----------------------------------------------
+    cdef bint _current(self):
+        return self.conn.active is self and not self.conn.closed
+
+    cdef double clock(self):
+        return self.conn.w.now
+
+    cdef begin(self):
+        self.conn.out = []
+
+    cdef flush(self):
+        self.conn.flush()
+
+    cdef bint sent_whole(self):
+        return self.body_done
+
+    cdef response_head(self, ResponseHead rh):
+        """The upstream's response head: its fields pass through as one block;
+        we add the framing, Connection, the rate-limit fields and x-request-id."""
+        if not self._current():
+            return
+        cdef ClientConnection conn = self.conn
+        cdef int status = rh.status
+        cdef bint close, head_only = rh.no_body
+        cdef bint v11 = self.head.version == 11
+        cdef int frame
+        self.status = status
+        self.resp_started = True
+        self.t.response = _now_ns()
+        if status == 101:
+            close = False
+        else:
+            close = not self.keep_alive or conn.w.draining or self.head.upgrade is not None
+        if head_only:
+            frame = _F_NONE
+        elif rh.length >= 0:
+            frame = _F_LENGTH
+        elif v11:
+            frame = _F_CHUNKED
+        else:
+            frame = _F_CLOSE
+            close = True
+        self.resp_frame = frame
+        _ob_reset()
+        _ob_bytes(_status_line(status))
+        _ob_bytes(rh.fields)
+        if rh.length_raw is not None and (frame == _F_LENGTH or head_only):
+            _ob_bytes(b"content-length: ")
+            _ob_bytes(rh.length_raw)
+            _ob_bytes(b"\r\n")
+        elif frame == _F_CHUNKED:
+            _ob_bytes(b"transfer-encoding: chunked\r\n")
+        if close:
+            _ob_bytes(b"connection: close\r\n")
+        elif not v11:
+            _ob_bytes(b"connection: keep-alive\r\n")
+        if self.d.resp_extra:
+            _ob_bytes(self.d.resp_extra)
+        _ob_bytes(b"x-request-id: ")
+        _ob_bytes(self.request_id.encode())
+        _ob_bytes(b"\r\n\r\n")
+        conn.write(_ob_take())
+        if close:
+            self.keep_alive = False
+
+    cdef response_body(self, bytes data):
+        if not self._current():
+            return
+        cdef ClientConnection conn = self.conn
+        self.bytes_out += len(data)
+        if self.resp_frame == _F_CHUNKED:
+            conn.write(b"%x\r\n" % len(data))
+            conn.write(data)
+            conn.write(b"\r\n")
+        else:
+            conn.write(data)
+
+    cdef response_end(self):
+        if self.done:
+            return
+        self.leg.release()
+        if not self._current():
+            self.ended()
+            return
+        if self.resp_frame == _F_CHUNKED:
+            self.conn.write(b"0\r\n\r\n")
+        self.conn.finish(self, not self.keep_alive or not self.body_done or self.resp_frame == _F_CLOSE)
+
+    cpdef upstream_failed(self, str code, str message):
+        self.leg.cut()
+        if self.done or not self._current():
+            return
+        cdef ClientConnection conn = self.conn
+        if self.resp_started:
+            # Never let a cut-off response look complete to the client; the
+            # exchange still leaves its log line and its count.
+            self.ended()
+            self.error = "upstream_cut" if code == "upstream_unavailable" or code == "upstream_timeout" else code
+            conn.ended_broken(self)
+            return
+        self.reply(code, message)
+
+    cdef upstream_lost(self, bint silent_reuse):
+        self.leg.release()
+        if self.done or not self._current():
+            return
+        cdef Head h = self.head
+        if (silent_reuse and not self.leg.retried and h.method in _IDEMPOTENT
+                and h.length <= 0 and not h.chunked):
+            # A pooled connection the upstream had already closed: one retry
+            # on a fresh connection, only when nothing can have been acted on twice.
+            self.leg.retry()
+            self.conn.w.connect(self, self.d.target)
+            return
+        self.upstream_failed("upstream_unavailable", "upstream closed the connection")
+
+    cdef bint upstream_tunnel(self, UpstreamConn up, bytes rest) except -1:
+        if self.leg.up is not up or not self._current() or self.tunnel_buf is None:
+            return False
+        cdef list held = self.tunnel_buf
+        self.tunnel_buf = None
+        self.leg.release()
+        self.ended()
+        self.conn.start_tunnel(up, rest, held)
+        return True
+
+    cdef upstream_paused(self):
+        self.conn.pause_reading(1)
+
+    cdef upstream_resumed(self):
+        if not self.conn.closed:
+            self.conn.resume_reading(1)
 
 
 cdef class ClientConnection:
-    cdef public object w
-    cdef public object transport
-    cdef public RequestParser parser
-    cdef public str peer
-    cdef public bint closed
-    cdef public Exchange active        # the exchange being answered
-    cdef public Exchange parsing       # the exchange whose body the parser is in
-    cdef public Exchange tunnel_ex     # an upgrade exchange holding bytes for its tunnel
-    cdef public object queue
-    cdef public double deadline
-    cdef public int deadline_kind
-    cdef public int64_t body_bytes     # body bytes received in the current rate window
-    cdef public double idle_since
-    cdef public UpstreamConn upgraded
-    cdef public bint write_paused
-    cdef public int read_paused        # bit 1: upstream backpressure, 2: pipelining queue, 4: held body
-    cdef public bint trusted
-    cdef public object pending_reject
+    """One client connection: reads, parses, queues exchanges in order, and
+    owns the transport, the timers and the lingering close."""
+
+    cdef readonly object w
+    cdef readonly object transport
+    cdef readonly RequestParser parser
+    cdef readonly str peer
+    cdef readonly bint closed
+    cdef readonly Exchange active      # the exchange being answered
+    cdef readonly Exchange parsing     # the exchange whose body the parser is in
+    cdef Exchange tunnel_ex            # an upgrade exchange holding bytes for its tunnel
+    cdef readonly object queue
+    cdef readonly double deadline
+    cdef readonly int deadline_kind
+    cdef int64_t body_bytes            # body bytes received in the current rate window
+    cdef readonly double idle_since
+    cdef readonly UpstreamConn upgraded
+    cdef readonly bint write_paused
+    cdef readonly int read_paused      # bit 1: upstream backpressure, 2: pipelining queue, 4: held body
+    cdef readonly bint trusted
+    cdef object pending_reject
     # While an upstream read is being parsed, writes to this client are
     # collected here and flushed as one writev (head + body in one syscall).
-    cdef public list out
-    cdef public bint discarding
-    cdef public double linger_end
-    cdef public bytes peer_packed
-    cdef public bytes peer_text        # the peer address as ASCII bytes (for X-Forwarded-For)
-    cdef public int doomed             # while a batch is handled: the seq of the message its error refuses
+    cdef list out
+    cdef bint discarding
+    cdef double linger_end
+    cdef readonly bytes peer_packed
+    cdef readonly bytes peer_text      # the peer address as ASCII bytes (for X-Forwarded-For)
+    cdef int doomed                    # while a batch is handled: the seq of the message its error refuses
     cdef Meter meter
 
     def __init__(self, worker):
@@ -311,20 +717,10 @@ cdef class ClientConnection:
         self.queue = None
         if ex is None:
             return
-        cdef UpstreamConn up = ex.up
-        if up is not None:
-            ex.up = None
-            up.ex = None
-            reset(up.transport)
-        if not ex.done and not was_closed:
-            # The client went away mid-exchange: still one log line.
-            ex.done = True
-            ex.error = "client_closed"
-            if not ex.status:
-                ex.status = 499
-            self.meter.account(ex)
-            if w.access is not None:
-                w.log_exchange(ex)
+        cdef bint was_done = ex.done
+        ex.abandon()
+        if not was_done and not was_closed:
+            self.account(ex)  # the client went away mid-exchange: still one log line
 
     def pause_writing(self):
         self.write_paused = True
@@ -332,8 +728,8 @@ cdef class ClientConnection:
             self.upgraded.transport.pause_reading()
             return
         cdef Exchange ex = self.active
-        if ex is not None and ex.up is not None:
-            ex.up.transport.pause_reading()
+        if ex is not None and ex.leg.up is not None:
+            ex.leg.up.pause()
 
     def resume_writing(self):
         self.write_paused = False
@@ -341,8 +737,8 @@ cdef class ClientConnection:
             self.upgraded.transport.resume_reading()
             return
         cdef Exchange ex = self.active
-        if ex is not None and ex.up is not None and not ex.up.closed:
-            ex.up.transport.resume_reading()
+        if ex is not None and ex.leg.up is not None:
+            ex.leg.up.resume()
 
     # -- parser events -----------------------------------------------------------
     cdef on_events(self, list events):
@@ -363,7 +759,8 @@ cdef class ClientConnection:
             elif kind == EV_END:
                 self.on_end()
             elif kind == EV_UPGRADE:
-                self.hold_for_tunnel(<bytes>value)
+                if self.tunnel_ex is not None:
+                    self.tunnel_ex.hold(<bytes>value)
             else:
                 self.reject_now(value[0], value[1])
             if self.closed:
@@ -376,9 +773,8 @@ cdef class ClientConnection:
             return
         if ex is not None and not ex.resp_started:
             self.parsing = None
-            ex.keep_alive = False
             try:
-                self.local_reply(ex, "internal_error", "internal error")
+                ex.internal_error()
                 return
             except Exception:
                 _log.exception("bug while answering 500")
@@ -401,7 +797,6 @@ cdef class ClientConnection:
             self.arm()
 
     cdef on_head(self, Head h):
-        w = self.w
         path = h.path if _plain_path(h.path) else _normalise_path(h.path)
         if path is None:
             self.reject_now("bad_request", "invalid request path")
@@ -414,11 +809,11 @@ cdef class ClientConnection:
         cdef Exchange ex = Exchange(self, h, path, request_id)
         if not ex.body_done:
             self.parsing = ex
-        if ex.tunnel_buf is not None:
+        if h.upgrade is not None:
             self.tunnel_ex = ex
         if self.active is None:
             self.active = ex
-            w.handle(ex)
+            handle(self.w, ex)
         else:
             q = self.queue
             if q is None:
@@ -431,64 +826,22 @@ cdef class ClientConnection:
         cdef Exchange ex = self.parsing
         if ex is None:
             return
-        cdef Py_ssize_t n = len(body)
-        self.body_bytes += n
-        ex.body_seen += n
-        if ex.done:
-            return  # answered already (a refusal): the rest is read and dropped
-        route = ex.route
-        if route is not None and ex.body_seen > route.max_body:
+        self.body_bytes += len(body)
+        if not ex.take_body(body):
             self.body_too_large(ex)
-            return
-        cdef UpstreamConn up = ex.up
-        if up is not None and ex.up_head is None:
-            up.deadline = self.w.now + up.target.read_timeout
-            if ex.up_chunked:
-                up.transport.writelines((b"%x\r\n" % n, body, b"\r\n"))
-            else:
-                up.transport.write(body)
-            return
-        if ex.body_buf is None:
-            ex.body_buf = []
-        ex.body_buf.append(body)
-        if ex.waiting and ex.body_seen > route.request_buffer and ex.head.seq != self.doomed:
-            # Past what we buffer: from here the body streams.
-            ex.waiting = False
-            ex.streaming = True
-            send(self.w, ex)
-        elif not ex.waiting and ex.body_seen > WRITE_HIGH and ex.up is None:
-            # Held for a queued exchange or a pending connect: bound it.
-            self.pause_reading(4)
 
     cdef on_end(self):
         cdef Exchange ex = self.parsing
         self.parsing = None
-        if ex is None:
-            return
-        ex.body_done = True
-        if ex.done:
-            return
-        if ex.waiting:
-            ex.waiting = False
-            send(self.w, ex)
-            return
-        cdef UpstreamConn up = ex.up
-        if up is not None and ex.up_head is None and ex.up_chunked:
-            up.transport.write(b"0\r\n\r\n")
+        if ex is not None:
+            ex.body_end()
 
-    cdef hold_for_tunnel(self, bytes data):
-        cdef Exchange ex = self.tunnel_ex
-        if ex is None or ex.tunnel_buf is None:
-            return
-        ex.tunnel_buf.append(data)
-        if sum(map(len, ex.tunnel_buf)) > WRITE_HIGH:
-            self.pause_reading(4)
-
-    cpdef continue_body(self, Exchange ex):
-        """The request is admitted: a client waiting on Expect may send its body."""
-        if ex.expect and not ex.continued and not ex.body_done:
-            ex.continued = True
-            self.write(_CONTINUE_100)
+    cdef body_too_large(self, Exchange ex):
+        if self.active is ex:
+            ex.body_broken("body_too_large", f"request body exceeds {ex.d.route.max_body} bytes")
+        else:  # a queued request: it is never answered
+            ex.ended()
+            self.abort()
 
     # -- timers ------------------------------------------------------------------------
     cpdef arm(self):
@@ -555,17 +908,14 @@ cdef class ClientConnection:
         self.parsing = None
         if ex is None:
             w = self.w
-            rid = w.next_request_id()
+            rid = next_request_id()
             self.write(_error_reply(code, message, rid, close=True))
             self.meter.count_status(_ERROR_STATUS[code])
             if w.access is not None:
                 w.log_refused(self, rid, code)
             self.close(True)
         elif broken is ex:
-            # The active request's own body is malformed or too slow.
-            ex.body_done = False
-            ex.waiting = False
-            self.upstream_failed(ex, code, message)
+            ex.body_broken(code, message)
         else:
             # Earlier requests are still being answered: stop reading, answer
             # them, then send this error and close (see finish()).
@@ -617,150 +967,24 @@ cdef class ClientConnection:
         self.closed = True
         self.transport.abort()
 
-    cpdef local_reply(self, Exchange ex, str code, str message, bytes extra=b""):
-        """Answer an exchange ourselves (a denial or an upstream failure)."""
-        cdef bint close = not ex.keep_alive or not ex.body_done or self.w.draining or ex.upgrade is not None
-        ex.resp_started = True
-        ex.status = _ERROR_STATUS[code]
-        ex.error = code
-        self.write(_error_reply(code, message, ex.request_id, close=close, extra=extra,
-                                head_only=ex.method == b"HEAD"))
-        self.finish(ex, close)
-
-    cdef body_too_large(self, Exchange ex):
-        ex.waiting = False
-        cdef UpstreamConn up = ex.up
-        if up is not None:
-            ex.up = None
-            up.ex = None
-            reset(up.transport)
-        if not ex.resp_started and self.active is ex:
-            ex.body_done = False
-            self.local_reply(ex, "body_too_large", f"request body exceeds {ex.route.max_body} bytes")
-        else:
-            ex.done = True
-            self.abort()
-
-    # -- upstream side, called by UpstreamConn and the worker ----------------------
-    cpdef send_upstream(self, Exchange ex, UpstreamConn up, bytes head):
-        """Write the head and whatever body arrived already; the rest streams."""
-        self.continue_body(ex)
-        cdef list buf = ex.body_buf
-        cdef list parts
-        if buf:
-            ex.body_buf = None
-            parts = [head]
-            if ex.up_chunked:
-                for b in buf:
-                    parts += (b"%x\r\n" % len(b), b, b"\r\n")
-            else:
-                parts += buf
-            if ex.up_chunked and ex.body_done:
-                parts.append(b"0\r\n\r\n")
-            data = b"".join(parts)
-            self.resume_reading(4)
-        elif ex.up_chunked and ex.body_done:
-            data = head + b"0\r\n\r\n"
-        else:
-            data = head
-        ex.up_head = None
-        up.start(ex, data, self.w.now)
-        if self.write_paused:
-            up.transport.pause_reading()
-
-    cdef response_head(self, Exchange ex, ResponseHead rh, UpstreamConn up):
-        """The upstream's response head: its fields pass through as one block;
-        we add the framing, Connection, the rate-limit headers and x-request-id."""
-        if ex is not self.active or self.closed:
-            return
-        cdef int status = rh.status
-        cdef bint close, head_only = rh.no_body
-        cdef int frame
-        ex.status = status
-        ex.resp_started = True
-        ex.t_head = _now_ns()
-        if status == 101:
-            close = False
-        else:
-            close = not ex.keep_alive or self.w.draining or ex.upgrade is not None
-        if head_only:
-            frame = _F_NONE
-        elif rh.length >= 0:
-            frame = _F_LENGTH
-        elif ex.version == "1.1":
-            frame = _F_CHUNKED
-        else:
-            frame = _F_CLOSE
-            close = True
-        ex.resp_frame = frame
-        _ob_reset()
-        _ob_bytes(_status_line(status))
-        _ob_bytes(rh.fields)
-        if rh.length_raw is not None and (frame == _F_LENGTH or head_only):
-            _ob_bytes(b"content-length: ")
-            _ob_bytes(rh.length_raw)
-            _ob_bytes(b"\r\n")
-        elif frame == _F_CHUNKED:
-            _ob_bytes(b"transfer-encoding: chunked\r\n")
-        if close:
-            _ob_bytes(b"connection: close\r\n")
-        elif ex.version == "1.0":
-            _ob_bytes(b"connection: keep-alive\r\n")
-        if ex.resp_extra:
-            _ob_bytes(ex.resp_extra)
-        _ob_bytes(b"x-request-id: ")
-        _ob_bytes(ex.request_id.encode())
-        _ob_bytes(b"\r\n\r\n")
-        self.write(_ob_take())
-        if close:
-            ex.keep_alive = False
-
-    cdef response_body(self, Exchange ex, bytes body):
-        if ex is not self.active or self.closed:
-            return
-        ex.bytes_out += len(body)
-        if ex.resp_frame == _F_CHUNKED:
-            self.write(b"%x\r\n" % len(body))
-            self.write(body)
-            self.write(b"\r\n")
-        else:
-            self.write(body)
-
-    cdef response_complete(self, Exchange ex, UpstreamConn up, bint reusable):
-        if ex.done:
-            return
-        ex.done = True
-        if ex.up is up:
-            ex.up = None
-        up.ex = None
-        if reusable and ex.body_done and not up.closed and ex.upgrade is None:
-            up.reused = True
-            _pool_put(up.target, up, self.w.now)
-        elif not up.closed:
-            if ex.body_done:
-                up.transport.close()
-            else:
-                # The upstream answered before the whole body was sent: it must
-                # never take what it got for a complete request.
-                reset(up.transport)
-        if ex is not self.active or self.closed:
-            return
-        if ex.resp_frame == _F_CHUNKED:
-            self.write(b"0\r\n\r\n")
-        self.finish(ex, not ex.keep_alive or not ex.body_done or ex.resp_frame == _F_CLOSE)
-
-    cdef finish(self, Exchange ex, bint close):
-        ex.done = True
-        self.active = None
-        w = self.w
+    cdef account(self, Exchange ex):
+        """One exchange ended: its counts, and its log line when the log is on."""
         self.meter.account(ex)
+        w = self.w
         if w.access is not None:
             w.log_exchange(ex)
+
+    cdef finish(self, Exchange ex, bint close):
+        """The active exchange is answered: account for it, then the next one."""
+        ex.ended()
+        self.active = None
+        self.account(ex)
+        w = self.w
         q = self.queue
         if close or (w.draining or self.pending_reject) and not q:
             if self.pending_reject is not None and not close:
                 code, message = self.pending_reject
-                self.write(_error_reply(code, message, w.next_request_id(), close=True))
+                self.write(_error_reply(code, message, next_request_id(), close=True))
                 self.meter.count_status(_ERROR_STATUS[code])
             self.close(self.pending_reject is not None or not ex.body_done or self.parsing is not None)
             return
@@ -770,88 +994,54 @@ cdef class ClientConnection:
             if len(q) < 32:
                 self.resume_reading(2)
             self.active = nxt
-            w.handle(nxt)
+            handle(w, nxt)
         if not self.closed:
             self.arm()
 
-    cpdef upstream_failed(self, Exchange ex, str code, str message):
-        cdef UpstreamConn up = ex.up
-        if up is not None:
-            ex.up = None
-            up.ex = None
-            if not up.closed:
-                reset(up.transport)
-        if ex.done or ex is not self.active or self.closed:
-            return
-        if ex.resp_started:
-            # Never let a cut-off response look complete to the client; the
-            # exchange still leaves its log line and its count.
-            ex.done = True
-            ex.error = "upstream_cut" if code in ("upstream_unavailable", "upstream_timeout") else code
-            self.active = None
-            w = self.w
-            if ex.error == "upstream_cut":
-                w.upstream_cuts += 1
-            self.meter.account(ex)
-            if w.access is not None:
-                w.log_exchange(ex)
-            self.abort()
-            return
-        self.local_reply(ex, code, message)
+    cdef ended_broken(self, Exchange ex):
+        """The active exchange broke mid-response: account for it and abort."""
+        self.active = None
+        if ex.error == "upstream_cut":
+            self.w.upstream_cuts += 1
+        self.account(ex)
+        self.abort()
 
-    cdef upstream_lost(self, Exchange ex, UpstreamConn up):
-        if ex.up is up:
-            ex.up = None
-        if ex.done or ex is not self.active or self.closed:
-            return
-        if (up.reused and not up.got_bytes and not ex.retried and ex.method in _IDEMPOTENT
-                and (ex.length is None or ex.length == 0) and not ex.chunked):
-            # A pooled connection the upstream had already closed: one retry
-            # on a fresh connection, only when nothing can have been acted on twice.
-            ex.retried = True
-            self.w.connect(ex, up.target)
-            return
-        self.upstream_failed(ex, "upstream_unavailable", "upstream closed the connection")
-
-    cdef bint upstream_upgraded(self, UpstreamConn up, bytes rest):
+    cdef start_tunnel(self, UpstreamConn up, bytes rest, list held):
         """The upstream answered 101: from now on both sides are a byte pipe."""
-        cdef Exchange ex = self.active
-        if ex is None or ex.up is not up or self.closed or ex.tunnel_buf is None:
-            return False
         self.upgraded = up
-        up.tunnel = self
-        ex.done = True
+        up.tunnel_to(self.transport)
+        self.active = None
         if rest:
             self.write(rest)
-        for chunk in ex.tunnel_buf:
+        for chunk in held:
             if chunk:
                 up.transport.write(chunk)
-        ex.tunnel_buf = None
         self.tunnel_ex = None
         self.deadline_kind = _K_NONE
         self.resume_reading(4)
         self.meter.count_status(101)
-        return True
 
 
 cdef class UpstreamConn:
     """One keep-alive HTTP/1.1 connection to an upstream target. Drives one
-    exchange at a time: writes the request the client side hands it, parses
-    the response (ResponseParser) and hands head and body back. Never
-    pipelines to the upstream."""
+    exchange at a time: writes the request it is handed, parses the response
+    (ResponseParser) and hands head and body to the exchange's ResponseSink.
+    Never pipelines to the upstream."""
 
-    cdef public object target
-    cdef public object transport
-    cdef public ResponseParser parser
-    cdef public Exchange ex
-    cdef public bint closed
-    cdef public bint reused
-    cdef public double idle_until
-    cdef public double deadline
-    cdef public bint got_bytes
-    cdef public ClientConnection tunnel
-    cdef public bint resp_done
-    cdef public bint reusable
+    cdef readonly object target
+    cdef readonly object transport
+    cdef ResponseParser parser
+    cdef ResponseSink sink
+    cdef readonly bint closed
+    cdef readonly bint reused
+    cdef readonly double idle_until
+    cdef readonly double deadline
+    cdef bint got_bytes
+    cdef object tunnel                 # the client transport, once this is a tunnel
+    cdef bint resp_done
+    cdef bint reusable
+    cdef bint head_request
+    cdef bint upgrade
 
     def __init__(self, target):
         self.target = target
@@ -863,54 +1053,65 @@ cdef class UpstreamConn:
 
     def data_received(self, bytes data):
         if self.tunnel is not None:
-            self.tunnel.transport.write(data)
+            self.tunnel.write(data)
             return
-        cdef Exchange ex = self.ex
-        if ex is None:
+        cdef ResponseSink sink = self.sink
+        if sink is None:
             # An idle pooled connection must not speak: the pooled state is unknown now.
             self.transport.close()
             return
         self.got_bytes = True
-        cdef ClientConnection client = ex.conn
-        self.deadline = client.w.now + self.target.read_timeout
-        client.out = []
+        self.deadline = sink.clock() + self.target.read_timeout
+        sink.begin()
         try:
             self.on_events(self.parser.feed(data))
         finally:
-            client.flush()
+            sink.flush()
 
     cdef on_events(self, list events):
         cdef Py_ssize_t n = len(events), i = 0
         cdef int kind
-        cdef Exchange ex
+        cdef ResponseSink sink
         while i < n:
             kind = events[i]
             value = events[i + 1]
             i += 2
-            ex = self.ex
+            sink = self.sink
             if kind == EV_BODY:
-                if ex is not None:
-                    ex.conn.response_body(ex, <bytes>value)
+                if sink is not None:
+                    sink.response_body(<bytes>value)
             elif kind == EV_HEAD:
-                if ex is None:
+                if sink is None:
                     return
                 # A connection that answered HEAD is never pooled: some upstreams
                 # send a body anyway, which would be read as the next response.
-                self.reusable = (<ResponseHead>value).keep_alive and ex.method != b"HEAD"
-                ex.conn.response_head(ex, <ResponseHead>value, self)
+                self.reusable = (<ResponseHead>value).keep_alive and not self.head_request and not self.upgrade
+                sink.response_head(<ResponseHead>value)
             elif kind == EV_END:
-                if ex is None or self.resp_done:
+                if sink is None or self.resp_done:
                     continue
                 self.resp_done = True
-                ex.conn.response_complete(ex, self, self.reusable)
+                self.sink = None
+                if self.reusable and sink.sent_whole() and not self.closed:
+                    self.reused = True
+                    self.pool(sink.clock())
+                elif not self.closed:
+                    if sink.sent_whole():
+                        self.transport.close()
+                    else:
+                        # The upstream answered before the whole body was sent: it must
+                        # never take what it got for a complete request.
+                        reset(self.transport)
+                sink.response_end()
             elif kind == EV_UPGRADE:
-                if ex is None or not ex.conn.upstream_upgraded(self, <bytes>value):
+                if sink is None or not sink.upstream_tunnel(self, <bytes>value):
                     self.transport.close()
                 return
             else:
+                self.sink = None
                 self.transport.abort()
-                if ex is not None:
-                    ex.conn.upstream_failed(ex, "upstream_unavailable", f"invalid response from upstream: {value[1]}")
+                if sink is not None:
+                    sink.upstream_failed("upstream_unavailable", f"invalid response from upstream: {value[1]}")
                 return
 
     def eof_received(self):
@@ -919,40 +1120,85 @@ cdef class UpstreamConn:
     def connection_lost(self, exc):
         self.closed = True
         if self.tunnel is not None:
-            self.tunnel.transport.close()
+            self.tunnel.close()
             return
-        cdef Exchange ex = self.ex
-        if ex is None:
+        cdef ResponseSink sink = self.sink
+        if sink is None:
             self.target.discard(self)
             return
-        cdef ClientConnection client = ex.conn
         if self.parser.state == S_UNTIL_CLOSE:
             # a close-delimited body: EOF is its end
-            client.out = []
+            sink.begin()
             try:
                 self.on_events(self.parser.eof())
             finally:
-                client.flush()
+                sink.flush()
             return
-        self.ex = None
+        self.sink = None
         if not self.resp_done:
-            client.upstream_lost(ex, self)
+            sink.upstream_lost(self.reused and not self.got_bytes)
 
     def pause_writing(self):
-        if self.ex is not None:
-            self.ex.conn.pause_reading(1)
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+        elif self.sink is not None:
+            self.sink.upstream_paused()
 
     def resume_writing(self):
-        if self.ex is not None and not self.ex.conn.closed:
-            self.ex.conn.resume_reading(1)
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif self.sink is not None:
+            self.sink.upstream_resumed()
 
-    # -- driven by the client side ---------------------------------------------
-    cpdef start(self, Exchange ex, bytes head, double now):
-        self.ex = ex
+    # -- driven by the exchange it serves ----------------------------------------
+    cdef start(self, ResponseSink sink, bytes data, double now, bint head_only, bint upgrade):
+        self.sink = sink
         self.resp_done = False
         self.reusable = False
         self.got_bytes = False
+        self.head_request = head_only
+        self.upgrade = upgrade
         self.deadline = now + self.target.read_timeout
-        self.parser.start(ex.method == b"HEAD", ex.upgrade is not None)
-        ex.up = self
-        self.transport.write(head)
+        self.parser.start(head_only, upgrade)
+        self.transport.write(data)
+
+    cdef send_body(self, bytes body, bint chunked, double now):
+        self.deadline = now + self.target.read_timeout
+        if chunked:
+            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            self.transport.write(body)
+
+    cdef send_raw(self, bytes data):
+        self.transport.write(data)
+
+    cdef cut(self):
+        """Reset and forget the exchange: never pooled."""
+        self.sink = None
+        if not self.closed:
+            reset(self.transport)
+
+    cdef pause(self):
+        if not self.closed:
+            self.transport.pause_reading()
+
+    cdef resume(self):
+        if not self.closed:
+            self.transport.resume_reading()
+
+    cdef tunnel_to(self, transport):
+        self.sink = None
+        self.tunnel = transport
+
+    cdef pool(self, double now):
+        """Back to its target's pool as the warmest idle connection."""
+        target = self.target
+        cdef int max_idle = target.max_idle
+        if max_idle == 0:
+            self.transport.close()
+            return
+        self.idle_until = now + target.idle_timeout
+        idle = target.idle
+        idle.append(self)
+        if len(idle) > max_idle:
+            idle.popleft().transport.close()

@@ -65,16 +65,17 @@ cdef bytes _rate_fields(long long limit, long long remaining, long long reset, b
 
 cdef rate_limited(Exchange ex, rt, int64_t r, bytes policy):
     if r == _RATE_TABLE_FULL:
-        ex.conn.local_reply(ex, "rate_limited", "rate-limit table is full; try again later", b"retry-after: 1\r\n")
+        ex.reply("rate_limited", "rate-limit table is full; try again later", b"retry-after: 1\r\n")
         return
     cdef int64_t retry = max(1, -(-rt.retry_after_ms // 1000))
-    ex.conn.local_reply(ex, "rate_limited", "rate limit exceeded", b"retry-after: %d\r\n" % retry
+    ex.reply("rate_limited", "rate limit exceeded", b"retry-after: %d\r\n" % retry
                         + rate_headers(rt, policy))
 
 
 cdef inline bytes _packed_client(Exchange ex):
     cdef ClientConnection conn = ex.conn
-    return conn.peer_packed if ex.client is conn.peer else _pack_ip(ex.client)
+    client = ex.d.client
+    return conn.peer_packed if client is conn.peer else _pack_ip(client)
 
 
 cdef class Stage:
@@ -110,7 +111,7 @@ cdef class ClientIp(Stage):
 
     cpdef bint run(self, Exchange ex) except -1:
         cdef ClientConnection conn = ex.conn
-        ex.client = self.ip.client_ip(conn.peer, True, ex.xff) if conn.trusted else conn.peer
+        ex.d.client = self.ip.client_ip(conn.peer, True, ex.head.xff) if conn.trusted else conn.peer
         return True
 
 
@@ -127,8 +128,8 @@ cdef class IpRules(Stage):
         return cls(route, w) if w.ip.active else None
 
     cpdef bint run(self, Exchange ex) except -1:
-        if self.ip.denied(ex.client):
-            ex.conn.local_reply(ex, "ip_denied", "client address is not allowed")
+        if self.ip.denied(ex.d.client):
+            ex.reply("ip_denied", "client address is not allowed")
             return False
         return True
 
@@ -147,8 +148,8 @@ cdef class BodyLimit(Stage):
 
     cpdef bint run(self, Exchange ex) except -1:
         cdef int64_t mb = self.max_body
-        if (ex.length is not None and ex.length > mb) or ex.body_seen > mb:
-            ex.conn.local_reply(ex, "body_too_large", f"request body exceeds {mb} bytes")
+        if ex.head.length > mb or ex.body_seen > mb:
+            ex.reply("body_too_large", f"request body exceeds {mb} bytes")
             return False
         return True
 
@@ -184,17 +185,17 @@ cdef class KeyCredential(Stage):
         return cls(route, w) if route.auth == "key" else None
 
     cpdef bint run(self, Exchange ex) except -1:
-        cdef ClientConnection conn = ex.conn
-        key = self.take_key(ex)
+        cdef Decision d = ex.d
+        key = self.take_key(d)
         if key is None:
-            conn.local_reply(ex, "key_missing", "this route needs an API key", _WWW_AUTH)
+            ex.reply("key_missing", "this route needs an API key", _WWW_AUTH)
             return False
         if key is _CONFLICT:
-            conn.local_reply(ex, "bad_request", "the request carries two different API keys")
+            ex.reply("bad_request", "the request carries two different API keys")
             return False
         cdef bytes packed = _packed_client(ex)
         cdef int64_t now_ms = _now_ms()
-        method = ex.authz_method
+        method = d.authz_method
         bit = self.bits.get(method)
         if bit is None:
             bit = _method_bit(method)
@@ -208,34 +209,34 @@ cdef class KeyCredential(Stage):
             ident = self.idcache.get(idx)
             if ident is None or (<tuple>ident)[3] != gen:
                 ident = self.w.identity(idx, gen)
-            ex.verdict = idx
-            ex.identity = ident[0]
-            ex.key = ident[4]
-            ex.key_index = idx
-            ex.rate = adm.rate  # the rate stage answers from it (the core left its fields set)
-            ex.policy = ident[2]
+            d.verdict = idx
+            d.identity = ident[0]
+            d.key = ident[4]
+            d.key_index = idx
+            d.rate = adm.rate  # the rate stage answers from it (the core left its fields set)
+            d.policy = ident[2]
             return True
         idx = st
-        ex.verdict = idx
+        d.verdict = idx
         if idx == _SCOPE_DENIED or idx == _KEY_IP_DENIED:
             return True  # the scope stage answers
         code = _ERROR_CODE.get(idx, "key_invalid")
         if code == "key_invalid" and self.w.failed_auth(packed, now_ms):
             retry = max(1, -(-self.rates.retry_after_ms // 1000))
-            conn.local_reply(ex, "rate_limited", "too many failed key checks from this address",
+            ex.reply("rate_limited", "too many failed key checks from this address",
                              b"retry-after: %d\r\n" % retry)
             return False
-        conn.local_reply(ex, code, _KEY_MESSAGES.get(idx, "API key refused"),
+        ex.reply(code, _KEY_MESSAGES.get(idx, "API key refused"),
                          _WWW_AUTH if code == "key_invalid" or code == "key_expired" else
                          b"retry-after: 1\r\n" if code == "overloaded" else b"")
         return False
 
-    cdef object take_key(self, Exchange ex):
+    cdef object take_key(self, Decision d):
         """Find the key and remove it from what the upstream will see."""
         cdef bytes kh = self.header
         cdef object found = None
         cdef list keep = None
-        cdef list headers = ex.headers
+        cdef list headers = d.headers
         cdef Py_ssize_t i
         cdef tuple h
         for i in range(len(headers)):
@@ -255,11 +256,11 @@ cdef class KeyCredential(Stage):
         if keep is not None:
             keep += [f for f in headers[len(keep):]
                      if f[0] != kh and not (f[0] == b"authorization" and f[2][:7].lower() == b"bearer ")]
-            ex.headers = keep
+            d.headers = keep
         param = self.param
-        if param and ex.query:
+        if param and d.query:
             rest = []
-            for part in ex.query[1:].split(b"&"):
+            for part in d.query[1:].split(b"&"):
                 name, _, value = part.partition(b"=")
                 if name == param:
                     cand = _unquote_to_bytes(value)
@@ -268,7 +269,7 @@ cdef class KeyCredential(Stage):
                     found = cand
                 else:
                     rest.append(part)
-            ex.query = b"?" + b"&".join(rest) if rest else b""
+            d.query = b"?" + b"&".join(rest) if rest else b""
         return found
 
 
@@ -280,10 +281,10 @@ cdef class KeyScope(Stage):
         return cls(route, w) if route.auth == "key" else None
 
     cpdef bint run(self, Exchange ex) except -1:
-        cdef int64_t v = ex.verdict
+        cdef int64_t v = ex.d.verdict
         if v >= 0:
             return True
-        ex.conn.local_reply(ex, _ERROR_CODE[v], _KEY_MESSAGES[v])
+        ex.reply(_ERROR_CODE[v], _KEY_MESSAGES[v])
         return False
 
 
@@ -300,13 +301,14 @@ cdef class KeyRate(Stage):
         return cls(route, w) if route.auth == "key" else None
 
     cpdef bint run(self, Exchange ex) except -1:
-        cdef int64_t r = ex.rate
+        cdef Decision d = ex.d
+        cdef int64_t r = d.rate
         if r == _UNLIMITED:
             return True
         if r < 0:
-            rate_limited(ex, self.rates, r, ex.policy)
+            rate_limited(ex, self.rates, r, d.policy)
             return False
-        ex.resp_extra = rate_headers(self.rates, ex.policy)
+        d.resp_extra = rate_headers(self.rates, d.policy)
         return True
 
 
@@ -336,7 +338,7 @@ cdef class AddressRate(Stage):
         if r < 0:
             rate_limited(ex, rt, r, self.header)
             return False
-        ex.resp_extra = rate_headers(rt, self.header)
+        ex.d.resp_extra = rate_headers(rt, self.header)
         return True
 
 
@@ -361,12 +363,13 @@ cdef class Rewrite(Stage):
 
     cpdef bint run(self, Exchange ex) except -1:
         cdef bytes path
+        cdef Decision d = ex.d
         if self.strip:
             path = ex.path[len(self.prefix):] or b"/"
-            ex.up_path = path if path[:1] == b"/" else b"/" + path
+            d.up_path = path if path[:1] == b"/" else b"/" + path
         field = ex.head.method_override_field
         if field is not None and self.override:
-            ex.headers = ex.headers + [field]
+            d.headers = d.headers + [field]
         return True
 
 
@@ -427,27 +430,28 @@ cdef object _route_match(router, bytes host, bytes path):
 cdef object route_stage(w, Exchange ex):
     """Stage 'route': host + longest prefix + methods, with the method a route
     that honours method override checks instead. None: answered."""
-    cdef ClientConnection conn = ex.conn
-    route = _route_match(w.router, ex.host, ex.path)
+    cdef Head h = ex.head
+    cdef Decision d = ex.d
+    route = _route_match(w.router, h.host, ex.path)
     if route is None:
-        conn.local_reply(ex, "no_route", "no route matches this host and path")
+        ex.reply("no_route", "no route matches this host and path")
         return None
-    ex.route = route
+    d.route = route
     if route.reject_double_encoding and b"%25" in ex.path and _double_encoded(ex.path):
-        conn.local_reply(ex, "bad_request", "double-encoded '.', '/' or '\\' in the path")
+        ex.reply("bad_request", "double-encoded '.', '/' or '\\' in the path")
         return None
-    method = ex.method
+    method = h.method
     if route.method_override:
-        override = ex.head.method_override
+        override = h.method_override
         if override is not None:
             method = override.strip()
             if method not in w.method_bits:
-                conn.local_reply(ex, "bad_request", "method override names no known method")
+                ex.reply("bad_request", "method override names no known method")
                 return None
-    ex.authz_method = method
+    d.authz_method = method
     methods = route.methods
     if methods is not None and method not in methods:
-        conn.local_reply(ex, "method_not_allowed", "method not allowed on this route", route.allow_header)
+        ex.reply("method_not_allowed", "method not allowed on this route", route.allow_header)
         return None
     return route
 
@@ -468,24 +472,16 @@ cpdef handle(w, Exchange ex):
 cpdef proxy(w, Exchange ex, target):
     """The end of admission. A body up to request_buffer is read whole before
     the upstream is chosen; a larger one streams from here."""
-    ex.target = target
-    cdef int64_t rb
-    if not ex.body_done:
-        rb = ex.route.request_buffer
-        if (ex.length is not None and ex.length > rb) or ex.body_seen > rb:
-            ex.streaming = True
-        else:
-            ex.waiting = True
-            ex.conn.continue_body(ex)
-            return
-    send(w, ex)
+    ex.d.target = target
+    if ex.admitted():
+        send(w, ex)
 
 
 cpdef send(w, Exchange ex):
-    target = ex.target
+    target = ex.d.target
     cdef UpstreamConn up = None
     cdef list c = target.counts  # [connects, reuses, connect errors]
-    if ex.upgrade is None:
+    if ex.head.upgrade is None:
         idle = target.idle  # warmest first (LIFO)
         while idle:
             up = idle.pop()
@@ -494,7 +490,7 @@ cpdef send(w, Exchange ex):
             up = None
     if up is not None:
         c[1] = c[1] + 1
-        ex.conn.send_upstream(ex, up, build_head(w, ex, target))
+        ex.send(up, build_head(w, ex, target))
         return
     w.connect(ex, target)
 
@@ -502,32 +498,33 @@ cpdef send(w, Exchange ex):
 cpdef bytes build_head(w, Exchange ex, target):
     """The upstream request head, copied into the output buffer in one pass."""
     cdef ClientConnection conn = ex.conn
-    route = ex.route
-    cdef bytes path = ex.up_path or ex.path
+    cdef Decision d = ex.d
+    route = d.route
+    cdef bytes path = d.up_path or ex.path
     cdef bytes peer = conn.peer_text
     cdef bint trusted = conn.trusted
-    cdef bytes host = ex.host or b""
     cdef Head h = ex.head
+    cdef bytes host = h.host or b""
     cdef bytes proto = h.xfp if trusted and h.xfp else b"http"
     cdef tuple f
     _ob_reset()
-    _ob_bytes(ex.method)
+    _ob_bytes(h.method)
     _ob_bytes(b" ")
     _ob_bytes(path)
-    _ob_bytes(ex.query)
+    _ob_bytes(d.query)
     _ob_bytes(b" HTTP/1.1\r\nhost: ")
     _ob_bytes(host if route.preserve_host and host else target.host_header)
     _ob_bytes(b"\r\n")
-    for f in ex.headers:
+    for f in d.headers:
         _ob_bytes(<bytes>f[1])
         _ob_bytes(b": ")
         _ob_bytes(<bytes>f[2])
         _ob_bytes(b"\r\n")
-    if ex.identity:
-        _ob_bytes(ex.identity)
+    if d.identity:
+        _ob_bytes(d.identity)
     _ob_bytes(b"x-forwarded-for: ")
-    if trusted and ex.xff:
-        _ob_bytes(ex.xff)
+    if trusted and h.xff:
+        _ob_bytes(h.xff)
         _ob_bytes(b", ")
     _ob_bytes(peer)
     _ob_bytes(b"\r\nx-forwarded-proto: ")
@@ -539,24 +536,22 @@ cpdef bytes build_head(w, Exchange ex, target):
     _ob_bytes(b"\r\n")
     if w.forwarded_header:
         _ob_bytes(forwarded_element(conn.peer, host, proto))
-    if ex.chunked:
+    if h.chunked:
         if ex.body_done:
             # read and validated whole: the upstream gets it with a length,
-            # as nginx sends a buffered body
-            ex.up_chunked = False
+            # as nginx sends a buffered body (Exchange.send frames it the same way)
             _ob_bytes(b"content-length: ")
             _ob_int(ex.body_seen)
             _ob_bytes(b"\r\n")
         else:
-            ex.up_chunked = True
             _ob_bytes(b"transfer-encoding: chunked\r\n")
-    elif ex.length is not None:
+    elif h.length >= 0:
         _ob_bytes(b"content-length: ")
-        _ob_int(ex.length)
+        _ob_int(h.length)
         _ob_bytes(b"\r\n")
-    if ex.upgrade is not None:
+    if h.upgrade is not None:
         _ob_bytes(b"connection: upgrade\r\nupgrade: ")
-        _ob_bytes(ex.upgrade)
+        _ob_bytes(h.upgrade)
         _ob_bytes(b"\r\n")
     _ob_bytes(b"\r\n")
     return _ob_take()

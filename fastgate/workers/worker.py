@@ -28,7 +28,7 @@ from ..errors import ERROR_STATUS, STAGE_OF
 from ..ipfilter import IpRules
 from ..server.http1 import error_reply
 from .. import _http
-from .._http import K_HEAD, K_IDLE, ClientConnection, UpstreamConn, now_ns
+from .._http import K_HEAD, K_IDLE, ClientConnection, UpstreamConn
 from ..server.routing import Router
 from ..upstream.pool import build_groups
 
@@ -156,26 +156,27 @@ class Worker:
 
     def log_exchange(self, ex) -> None:
         """Step 9: the access-log line (only called when the log is on)."""
-        now = now_ns()
-        route = ex.route
-        key = ex.key
-        target = ex.target
+        d = ex.d
+        route = d.route
+        key = d.key
+        target = d.target
+        t = ex.t
         self.access.record(AccessRecord(
             self.access.stamp(),
             ex.request_id,
-            ex.client or ex.conn.peer,
-            ex.method.decode("latin-1"),
+            d.client or ex.conn.peer,
+            ex.head.method.decode("latin-1"),
             ex.path.decode("latin-1"),
             ex.status,
             ex.body_seen,
             ex.bytes_out,
-            (now - ex.t0) // 1000,
+            t.total_us,
             route.name if route is not None else None,
             key[0] if key else None,
             key[1] or None if key else None,
             key[2] or None if key else None,
             target.name if target is not None else None,
-            (ex.t_head - ex.t0) // 1000 if ex.t_head else None,
+            t.upstream_us,
             STAGE_OF.get(ex.error) if ex.error else None,
             ex.error,
         ))
@@ -192,12 +193,6 @@ class Worker:
 
     def next_request_id(self) -> str:
         return _http.next_request_id()
-
-    def count_status(self, status: int) -> None:
-        self.meter.count_status(status)
-
-    def account(self, ex) -> None:
-        self.meter.account(ex)
 
     def upstream_counts(self) -> dict:
         """target -> [connects, reuses, connect errors], counted on the targets
@@ -231,9 +226,6 @@ class Worker:
         })
 
     # -- the decision pipeline (fastgate/pipeline.py) ---------------------------
-    def handle(self, ex) -> None:
-        _http.handle(self, ex)
-
     def identity(self, idx: int, gen: int):
         return pipeline.identity(self, idx, gen)
 
@@ -278,33 +270,13 @@ class Worker:
         fut = asyncio.ensure_future(
             self.loop.create_connection(functools.partial(UpstreamConn, target), target.host, target.port)
         )
-        ex.up = None
-        ex.up_head = fut
-        deadline = self.now + target.connect_timeout
-        fut.add_done_callback(functools.partial(self._connected, ex, target, deadline))
-        self._pending_connects[fut] = (ex, deadline)
+        ex.connecting(fut)
+        self._pending_connects[fut] = (ex, self.now + target.connect_timeout)
+        fut.add_done_callback(functools.partial(self._connected, ex, target))
 
-    def _connected(self, ex, target, deadline, fut) -> None:
+    def _connected(self, ex, target, fut) -> None:
         self._pending_connects.pop(fut, None)
-        conn = ex.conn
-        if fut.cancelled():
-            if not conn.closed and conn.active is ex and not ex.done:
-                ex.up_head = None
-                conn.upstream_failed(ex, "upstream_timeout", f"connecting to {target.host}:{target.port} timed out")
-            return
-        exc = fut.exception()
-        if exc is not None:
-            target.counts[2] += 1
-            ex.up_head = None
-            if not conn.closed and conn.active is ex and not ex.done:
-                conn.upstream_failed(ex, "upstream_unavailable", f"cannot connect to upstream {target.host}:{target.port}")
-            return
-        _, up = fut.result()
-        if conn.closed or conn.active is not ex or ex.done:
-            ex.up_head = None
-            up.transport.close()
-            return
-        conn.send_upstream(ex, up, _http.build_head(self, ex, target))
+        ex.connected(fut, target, self)
 
     # -- timers -----------------------------------------------------------------
     def _tick(self) -> None:
@@ -314,10 +286,8 @@ class Worker:
             if c.deadline_kind and now >= c.deadline:
                 c.on_timeout()
             ex = c.active
-            if ex is not None and not ex.done and not c.closed:
-                up = ex.up
-                if up is not None and now >= up.deadline:
-                    c.upstream_failed(ex, "upstream_timeout", "upstream did not answer in time")
+            if ex is not None and not c.closed and ex.overdue(now):
+                ex.upstream_failed("upstream_timeout", "upstream did not answer in time")
         for fut, (ex, deadline) in list(self._pending_connects.items()):
             if now >= deadline:
                 fut.cancel()
