@@ -347,6 +347,12 @@ class FakeUpstream:
         if not link.transport.ended and not link.transport._lost:
             self.gw._call(link.protocol.data_received, data)
 
+    def close_all(self) -> None:
+        """The upstream closes every connection still open (pooled ones too)."""
+        for link in self.links:
+            if not link.transport._lost:
+                link.close()
+
     @property
     def requests(self) -> list[Request]:
         return [r for link in self.links for r in link.requests]
