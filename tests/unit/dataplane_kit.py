@@ -483,6 +483,7 @@ class Gateway:
         self.worker.loop = self.clock
         self.worker.now = self.clock.time()
         self.clients: list[Client] = []
+        self.key_records: dict[str, KeyRecord] = {}
         self._ports = iter(range(40000, 60000))
 
     # driving
@@ -544,6 +545,7 @@ class Gateway:
                         expires_at=expires_at, revoked_at="2020-01-01T00:00:00Z" if revoked else None,
                         slot=keys.allocate(), digest=keys.digest(key.encode()))
         keysync.apply(keys, rec)
+        self.key_records[key_id] = rec
         return key
 
     def decisions(self) -> dict:
