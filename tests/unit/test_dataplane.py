@@ -388,7 +388,7 @@ def test_an_oversized_upload_never_spends_quota():
         big = g.request(b"POST /so/ok HTTP/1.1\r\nHost: gw\r\nX-Api-Key: %s\r\nContent-Length: 50\r\n\r\n" % key)
         assert_refusal(big, "body_too_large")
         ok = g.request(b"POST /so/ok HTTP/1.1\r\nHost: gw\r\nX-Api-Key: %s\r\nContent-Length: 2\r\n\r\nhi" % key)
-        assert ok.status == 200, "the 413 did not count against the plan"
+        assert ok.status == 200, "the 413 must not spend the plan's quota"
         assert_refusal(g.request(b"POST /so/ok HTTP/1.1\r\nHost: gw\r\nX-Api-Key: %s\r\n\r\n" % key), "rate_limited")
     finally:
         g.close()
