@@ -219,7 +219,8 @@ def test_bad_chunk_framing_is_refused_whatever_the_reads(gw, case):
     raw = CHUNKED + BAD_CHUNKS[case]
     code = "headers_too_large" if "10,000" in case else "bad_request"
     step = max(1, len(raw) // 200)  # every cut for the short ones, 200 cuts of the long ones
-    for cuts in itertools.chain([[]], ([cut] for cut in range(1, len(raw), step)), [range(1, len(raw), 7)]):
+    reads = max(7, len(raw) // 100)  # and in many small reads
+    for cuts in itertools.chain([[]], ([cut] for cut in range(1, len(raw), step)), [range(1, len(raw), reads)]):
         c = gw.client().send(raw, cuts)
         r = c.response()
         assert_refusal(r, code)
@@ -440,3 +441,31 @@ def test_responses_parse_strictly():
         parse_responses(b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n")
     got, rest = parse_responses(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", ["POST"])
     assert [r.status for r in got] == [100, 204] and rest == b""
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+def test_at_the_connection_cap_an_idle_connection_makes_room():
+    g = Gateway(BASE.replace("[server]", "[server]\nmax_connections = 1"))
+    try:
+        idle = g.client().send(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert idle.response().status == 200 and not idle.closed
+        new = g.client().send(b"GET /b HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert new.response().status == 200
+        assert idle.closed and len(idle.responses()) == 1, "the idle one is closed silently"
+        assert g.worker.conns_refused == 0
+    finally:
+        g.close()
+
+
+def test_draining_finishes_what_is_in_flight_and_closes(gw):
+    gw.upstream.respond = None
+    idle = gw.client().send(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
+    gw.upstream.links[0].reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na")
+    busy = gw.client().send(b"GET /b HTTP/1.1\r\nHost: gw\r\n\r\n")
+    gw.run(gw.worker.drain)
+    assert idle.closed and not busy.closed
+    gw.upstream.links[0].reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb")
+    r = busy.response()
+    assert r.body == b"b" and r.closes and busy.closed

@@ -312,3 +312,30 @@ def test_a_slow_upstream_pauses_the_client(gw):
     assert c.transport.reading
     c.send(b"y" * 30000)
     assert len(up.requests[0].body) == 100000
+
+
+# -- upgrades ----------------------------------------------------------------------------------------
+
+
+def test_a_websocket_upgrade_becomes_a_byte_pipe(gw):
+    c = gw.client().send(get("/ws", "Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Key: abc",
+                             "Sec-WebSocket-Version: 13") + b"early")
+    up = link(gw)
+    assert up.requests[0].header("upgrade") == "websocket"
+    assert not up.received.endswith(b"early"), "bytes after the head wait for the 101"
+    up.reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi")
+    assert up.received.endswith(b"early")
+    assert c.out.startswith(b"HTTP/1.1 101 ") and c.out.endswith(b"hi")
+    c.send(b"ping")
+    up.reply(b"pong")
+    assert up.received.endswith(b"earlyping") and c.out.endswith(b"hipong")
+    up.close()
+    assert c.transport.ended == "fin"
+
+
+def test_an_upgrade_the_upstream_declines_is_an_ordinary_response(gw):
+    c = gw.client().send(get("/ws", "Connection: Upgrade", "Upgrade: websocket") + b"early")
+    link(gw).reply(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\nno")
+    r = c.response()
+    assert (r.status, r.body) == (400, b"no") and r.closes and c.closed
+    assert b"early" not in link(gw).received
