@@ -157,7 +157,8 @@ def test_a_refused_request_mid_pipeline(gw):
 
 def test_a_bad_head_mid_pipeline_waits_for_the_answers_before_it(gw):
     gw.upstream.respond = None
-    c = gw.client().send(b"GET /first HTTP/1.1\r\nHost: gw\r\n\r\nGET /second HTTP/1.1\r\nHost: gw\r\nX: a\r\n b\r\n\r\n")
+    c = gw.client().send(b"GET /first HTTP/1.1\r\nHost: gw\r\n\r\n"
+                         b"GET /second HTTP/1.1\r\nHost: gw\r\nX: a\r\n b\r\n\r\n")
     assert c.out == b"" and not c.closed
     gw.upstream.links[0].reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
     first, second = c.responses()
@@ -230,7 +231,8 @@ def test_bad_chunk_framing_is_refused_whatever_the_reads(gw, case):
 
 
 INTEGRATION_AMBIGUOUS = {  # tests/integration/test_h_framing.py test_ambiguous_framing_in_the_head
-    "CL+TE": b"POST /m HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "CL+TE": b"POST /m HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3\r\nabc\r\n0\r\n\r\n",
     "TE+CL": b"POST /m HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
     "two CL": b"POST /m HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
     "TE list": b"POST /m HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
@@ -410,8 +412,9 @@ def test_a_framing_error_in_the_read_beats_every_later_stage():
 
 
 def test_no_route_beats_ip_and_key():
-    g = Gateway(BASE.replace('path = "/"\nupstream = "u"\nauth = "none"', 'path = "/open"\nupstream = "u"\nauth = "none"')
-                + '\n[ip]\ndeny = ["203.0.113.0/24"]\n')
+    no_catch_all = BASE.replace('path = "/"\nupstream', 'path = "/open"\nupstream')
+    assert no_catch_all != BASE
+    g = Gateway(no_catch_all + '\n[ip]\ndeny = ["203.0.113.0/24"]\n')
     try:
         r = g.request(b"GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n", peer="203.0.113.1")
         assert_refusal(r, "no_route")

@@ -181,7 +181,8 @@ methods = ["GET", "POST"]
 def test_no_route():
     g = Gateway(HOSTED)
     try:
-        c = g.client().send(b"GET /v1/x HTTP/1.1\r\nHost: other.example\r\n\r\nGET /v2 HTTP/1.1\r\nHost: api.example\r\n\r\n"
+        c = g.client().send(b"GET /v1/x HTTP/1.1\r\nHost: other.example\r\n\r\n"
+                            b"GET /v2 HTTP/1.1\r\nHost: api.example\r\n\r\n"
                             b"GET /v1/x HTTP/1.1\r\nHost: API.example:8080\r\n\r\n")
         a, b, ok = c.responses()
         check(g, a, "no_route", closes=False)
