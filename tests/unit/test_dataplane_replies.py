@@ -590,10 +590,16 @@ def test_overloaded_while_a_keys_record_is_being_written():
 
 @provokes("internal_error")
 def test_internal_error_when_a_stage_has_a_bug(gw, caplog):
-    def broken(ex):
-        raise RuntimeError("a bug in a stage")
+    from fastgate._http import Stage
 
-    gw.worker.handle = broken
+    class Broken(Stage):  # a stage written in Python, as pipeline.py allows
+        name = "broken"
+
+        def run(self, ex):
+            raise RuntimeError("a bug in a stage")
+
+    for route in gw.worker.router.routes:
+        route.stages = (Broken(route, gw.worker),) + tuple(route.stages)
     c = gw.client().send(get("/a") + get("/b"))
     r = c.response()
     check(gw, r, "internal_error", closes=True)
