@@ -10,7 +10,7 @@ import socket
 import sys
 
 from . import __version__
-from . import cli_keys
+from . import cli_keys, cli_store
 from . import config as cfg
 from .errors import ConfigError
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("file")
 
     cli_keys.register(sub)  # keys ..., usage, audit list|verify
+    cli_store.register(sub)  # store migrate
     return p
 
 
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command in ("keys", "audit", "usage"):
         return cli_keys.run(args)
+    if args.command == "store":
+        return args.func(args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 
