@@ -132,10 +132,12 @@ def cmd_run(args) -> int:
         print(f"fastgate: cannot start: {exc}", file=sys.stderr)
         return 1
     _setup_logging(args.log_level or config.log.level)
+    from .keys.store import StoreError
+
     sup = Supervisor(config, args.config, overrides, banner_extra=banner, extras=extras, instance_lock=lock)
     try:
         return sup.run()
-    except (OSError, AlreadyRunning) as exc:
+    except (OSError, AlreadyRunning, StoreError) as exc:  # StoreError: e.g. [cluster] store unreachable at start
         print(f"fastgate: cannot start: {exc}", file=sys.stderr)
         return 1
 

@@ -427,8 +427,13 @@ class PgKeyStore:
         """After COMMIT failed on a lost connection: did it commit? Waits on the head lock, so
         a commit still in flight on the old connection finishes first. StoreUnavailable if
         the server cannot be asked."""
+        old, self._conn = self._conn, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001  (it broke; the server drops its side)
+                pass
         try:
-            self._conn = None
             c = self._c
             with c.transaction():
                 c.execute("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")

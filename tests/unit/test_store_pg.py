@@ -368,3 +368,33 @@ def test_migrate_round_trip(tmp_path, pg, pg_url):
     assert fastgate("store", "migrate", "--from", f"sqlite:{src}", "--to", "mysql://x/y").returncode == 2
     p = fastgate("store", "migrate", "--from", f"sqlite:{tmp_path / 'nope.db'}", "--to", pg.new_database())
     assert p.returncode == 1 and "no SQLite key store" in p.stderr
+
+
+class _CommitBreaks:
+    """The store's connection, except that COMMIT is answered by a lost connection: after the
+    server committed (``commit_first``) or before it could (the transaction rolled back)."""
+
+    def __init__(self, conn, commit_first: bool):
+        self._conn = conn
+        self._commit_first = commit_first
+
+    def execute(self, query, *args, **kw):
+        if query == "COMMIT":
+            self._conn.execute("COMMIT" if self._commit_first else "ROLLBACK")
+            raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+        return self._conn.execute(query, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_a_connection_lost_during_commit_is_resolved_from_the_chain(pstore):
+    first = pstore.create(new_key(pstore)[1], "admin")
+    pstore._conn = _CommitBreaks(pstore._c, commit_first=True)
+    rec = pstore.create(new_key(pstore)[1], "admin")  # committed: reported as done, not as a failure
+    assert pstore.get(rec.id) == rec and not isinstance(pstore._conn, _CommitBreaks)
+    pstore._conn = _CommitBreaks(pstore._c, commit_first=False)
+    with pytest.raises(StoreUnavailable, match="nothing changed"):
+        pstore.revoke(first.id, "admin")
+    assert pstore.get(first.id).revoked_at is None
+    assert pstore.verify_audit() == (True, [], 2)
