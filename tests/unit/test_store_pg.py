@@ -12,15 +12,17 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from conftest import ROOT
 from fastgate import core
 from fastgate.keys import KeyRecord, KeyStore, StoreError, StoreUnavailable, open_store
 from fastgate.keys.audit import ZERO_HASH, chain_hash
 from fastgate.keys.store_pg import SCHEMA_VERSION_PG, PgKeyStore, verify_url
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def new_key(store, **fields) -> tuple[str, KeyRecord]:
