@@ -8,7 +8,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY fastgate ./fastgate
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# '.[cluster]': the image also runs as a cluster node ([cluster] store = "postgresql://...").
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[cluster]'
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/fastgate --create-home fastgate

@@ -10,7 +10,7 @@ import socket
 import sys
 
 from . import __version__
-from . import cli_keys
+from . import cli_keys, cli_store
 from . import config as cfg
 from .errors import ConfigError
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("file")
 
     cli_keys.register(sub)  # keys ..., usage, audit list|verify
+    cli_store.register(sub)  # store migrate
     return p
 
 
@@ -131,10 +132,12 @@ def cmd_run(args) -> int:
         print(f"fastgate: cannot start: {exc}", file=sys.stderr)
         return 1
     _setup_logging(args.log_level or config.log.level)
+    from .keys.store import StoreError
+
     sup = Supervisor(config, args.config, overrides, banner_extra=banner, extras=extras, instance_lock=lock)
     try:
         return sup.run()
-    except (OSError, AlreadyRunning) as exc:
+    except (OSError, AlreadyRunning, StoreError) as exc:  # StoreError: e.g. [cluster] store unreachable at start
         print(f"fastgate: cannot start: {exc}", file=sys.stderr)
         return 1
 
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command in ("keys", "audit", "usage"):
         return cli_keys.run(args)
+    if args.command == "store":
+        return args.func(args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 

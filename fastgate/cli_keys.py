@@ -457,15 +457,24 @@ def _store_path(args) -> str:
         return args.store
     if args.config:
         # load_config resolves a relative store against the config's folder,
-        # exactly as `fastgate run` does.
-        return _load_config(args.config).keys.store
+        # exactly as `fastgate run` does; [cluster] store wins, as in `fastgate run`.
+        config = _load_config(args.config)
+        return config.cluster.store or config.keys.store
     return os.path.join(os.environ.get("FASTGATE_DATA", "fastgate-data"), "keys.db")
 
 
 def cmd_audit_verify(args) -> int:
     from .keys.audit import verify_store
+    from .urls import is_pg_url
 
-    return verify_store(_store_path(args), as_json=args.json)
+    target = _store_path(args)
+    if is_pg_url(target):
+        from .keys.store_pg import verify_url
+
+        return verify_url(target, as_json=args.json)
+    if target.startswith("sqlite:"):
+        target = target[len("sqlite:"):]
+    return verify_store(target, as_json=args.json)
 
 
 # ------------------------------------------------------------------ argparse
@@ -565,8 +574,9 @@ def register(subparsers) -> None:
     p = au.add_parser("verify", parents=[_common(admin=False)],
                       help="check the hash chain of the local key store (no API; exit 1 on tampering)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", "-c", metavar="FILE", help="take the store path from [keys] store")
-    src.add_argument("--store", metavar="PATH", help="the SQLite key store file")
+    src.add_argument("--config", "-c", metavar="FILE",
+                     help="take the store from [cluster] store if set, else [keys] store")
+    src.add_argument("--store", metavar="PATH|URL", help="the SQLite key store file, or a postgresql:// URL")
     p.set_defaults(func=cmd_audit_verify)
 
 

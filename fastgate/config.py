@@ -25,6 +25,7 @@ from msgspec import Meta
 
 from .errors import ConfigError
 from .types import CIDR, LIMIT, MAX_NAME, NAME, Cidr, Limits, Problems, check_fields, checker
+from .urls import check_pg_url, check_redis_url
 from .types import LIMIT_UNITS, parse_limit  # noqa: F401  (cfg.parse_limit: the workers' name for it)
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
@@ -35,6 +36,7 @@ HTTP_METHODS = frozenset(
     "GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH".split()
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.I)
 
 
@@ -150,6 +152,43 @@ class KeysConfig(Base):
         _raise_all(problems)
 
 
+class ClusterConfig(Base):
+    """``[cluster]``: N gateway nodes as one. ``store`` set = cluster mode: keys and the
+    audit trail live in PostgreSQL, shared by every node (``[keys] store`` then only names
+    the node's local files: the instance lock and usage.db)."""
+
+    store: str | None = None  # postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE
+    redis: str | None = None  # redis:// or rediss:// (cluster counters and fan-out; validated, not used yet)
+    node_id: str | None = None  # default: hostname:port of [server] listen (see node_id())
+    ack_timeout: Seconds = 1.0  # how long a cluster write waits for the other nodes' acks
+    connect_timeout: Seconds = 5.0  # connecting to PostgreSQL / Redis
+    query_timeout: Seconds = 10.0  # one store statement (statement_timeout, lock_timeout)
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if self.store is not None:
+            _check(problems, "store", check_pg_url, self.store)
+        if self.redis is not None:
+            _check(problems, "redis", check_redis_url, self.redis)
+            if self.store is None:
+                problems.append("store: expected a postgresql:// URL: cluster mode (redis is set) needs the "
+                                "shared store")
+        if self.node_id is not None and not _NODE_ID.match(self.node_id):
+            problems.append(f"node_id: expected 1..128 letters, digits, '.', '_', '-' or ':', found {self.node_id!r}")
+        _raise_all(problems)
+
+
+def node_id(config: "Config") -> str:
+    """This node's id in the cluster: ``[cluster] node_id``, else hostname:port of ``[server] listen``
+    (set it explicitly when several nodes share a host and port 0)."""
+    if config.cluster.node_id:
+        return config.cluster.node_id
+    import socket
+
+    port = parse_hostport(config.server.listen)[1]
+    return f"{socket.gethostname()}:{port}"
+
+
 class PlanConfig(Base):
     limits: Limits = []
 
@@ -255,6 +294,7 @@ class Config(Base):
     routes: list[RouteConfig] = []
     ip: IpConfig = msgspec.field(default_factory=IpConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def upstream(self, name: str) -> UpstreamConfig:
         for u in self.upstreams:
@@ -269,6 +309,7 @@ _SECTIONS: dict[str, Any] = {
     "keys": KeysConfig,
     "ip": IpConfig,
     "log": LogConfig,
+    "cluster": ClusterConfig,
 }
 _LISTS: dict[str, Any] = {"upstreams": UpstreamConfig, "routes": RouteConfig}
 

@@ -268,3 +268,23 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close:
         return out
     finally:
         s.close()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A real PostgreSQL server for the session (tests/pg_kit.py); started on first use."""
+    from pg_kit import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg):
+    """A fresh, empty database on the session's server; its URL."""
+    if not pg.running():  # a test that stopped the server and failed before starting it again
+        pg.start()
+    return pg.new_database()

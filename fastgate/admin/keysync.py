@@ -100,11 +100,14 @@ def load_all(store, table) -> tuple[int, float]:
         used.add(slot)
         apply(table, rec, now)
         n += 1
+    assigned = []
     for rec in later:
         rec.slot = table.allocate()
-        store.set_slot(rec.id, rec.slot)
+        assigned.append((rec.id, rec.slot))
         apply(table, rec, now)
         n += 1
+    if assigned:  # one transaction, not one per key (a fresh node on a shared store assigns them all)
+        store.set_slots(assigned)
     return n, time.perf_counter() - t0
 
 

@@ -733,7 +733,7 @@ class AdminProtocol(asyncio.Protocol):
 
 def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, config_path: str | None,
               arena, store_path: str, token: bytes | None, master_pid: int, stats=None) -> None:
-    from ..keys.store import KeyStore
+    from ..keys import open_config_store
     from ..usage import UsageStore
 
     # The master hands us the writer role right after the fork: wait for it.
@@ -742,7 +742,7 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
         if time.monotonic() > deadline:
             raise RuntimeError("the master did not hand the admin process the writer role")
         time.sleep(0.001)
-    store = KeyStore(store_path)
+    store = open_config_store(config, store_path)  # [cluster] store (PostgreSQL) if set, else SQLite
     usage = UsageStore(os.path.join(os.path.dirname(os.path.abspath(store_path)), "usage.db"), {
         "minute": config.log.usage_minute_hours * 3600,
         "hour": config.log.usage_hour_days * 86_400,

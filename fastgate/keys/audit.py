@@ -44,6 +44,7 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 import msgspec
@@ -158,6 +159,24 @@ def verify_chain(conn: sqlite3.Connection, head_file: str) -> tuple[bool, list[s
     Returns (ok, problems, rows_checked). Problems are human sentences; at most
     MAX_PROBLEMS are listed, then a count of the rest.
     """
+    cur = conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq")
+    try:
+        batches = iter(lambda: cur.fetchmany(4096), [])
+
+        def anchor() -> dict[str, Any] | None:
+            return read_head(head_file)
+
+        return verify_rows(batches, anchor, f"audit head {head_file}")
+    finally:
+        cur.close()
+
+
+def verify_rows(batches: Iterable[Sequence[tuple]], anchor: Callable[[], dict[str, Any] | None],
+                where: str) -> tuple[bool, list[str], int]:
+    """The chain check of :func:`verify_chain` over any source of audit rows (batches of
+    ``AUDIT_COLUMNS`` tuples in seq order): the SQLite table, or the PostgreSQL store's.
+    ``anchor()`` is called after the walk and returns the head ({"seq", "hash"}, optionally
+    {"pending_seq", "pending_hash"}) or None if there is none; ``where`` names it in problems."""
     problems: list[str] = []
     extra = 0
 
@@ -172,45 +191,38 @@ def verify_chain(conn: sqlite3.Connection, head_file: str) -> tuple[bool, list[s
     running = ZERO_HASH
     rows = 0
     last_seq, last_hash = 0, ZERO_HASH
-    cur = conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq")
-    try:
-        while True:
-            batch = cur.fetchmany(4096)
-            if not batch:
-                break
-            for seq, ts, actor, event, key_id, changes, prev_hash, stored in batch:
-                rows += 1
-                if seq != expected_seq:
-                    if seq > expected_seq:
-                        gap = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}..{seq - 1}"
-                        problem(f"seq {seq}: rows {gap} are missing (deleted?)")
-                    else:  # cannot happen with an INTEGER PRIMARY KEY, kept for other backends
-                        problem(f"seq {seq}: out of order after seq {expected_seq - 1}")
-                if prev_hash != running:
-                    problem(f"seq {seq}: prev_hash does not match the hash of the row before it "
-                            "(a row was deleted, reordered or rewritten)")
-                try:
-                    actual = chain_hash(prev_hash, seq, ts, actor, event, key_id, changes)
-                except (TypeError, UnicodeError, AttributeError) as exc:
-                    actual = f"<unhashable: {exc}>"
-                if actual != stored:
-                    problem(f"seq {seq}: contents do not match its hash (the row was edited)")
-                if event not in EVENTS:
-                    problem(f"seq {seq}: unknown event {event!r}")
-                running = stored
-                expected_seq = seq + 1
-                last_seq, last_hash = seq, stored
-    finally:
-        cur.close()
+    for batch in batches:
+        for seq, ts, actor, event, key_id, changes, prev_hash, stored in batch:
+            rows += 1
+            if seq != expected_seq:
+                if seq > expected_seq:
+                    gap = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}..{seq - 1}"
+                    problem(f"seq {seq}: rows {gap} are missing (deleted?)")
+                else:  # cannot happen with an INTEGER PRIMARY KEY, kept for other backends
+                    problem(f"seq {seq}: out of order after seq {expected_seq - 1}")
+            if prev_hash != running:
+                problem(f"seq {seq}: prev_hash does not match the hash of the row before it "
+                        "(a row was deleted, reordered or rewritten)")
+            try:
+                actual = chain_hash(prev_hash, seq, ts, actor, event, key_id, changes)
+            except (TypeError, UnicodeError, AttributeError) as exc:
+                actual = f"<unhashable: {exc}>"
+            if actual != stored:
+                problem(f"seq {seq}: contents do not match its hash (the row was edited)")
+            if event not in EVENTS:
+                problem(f"seq {seq}: unknown event {event!r}")
+            running = stored
+            expected_seq = seq + 1
+            last_seq, last_hash = seq, stored
 
     try:
-        head = read_head(head_file)
+        head = anchor()
     except (OSError, ValueError) as exc:
-        problem(f"audit head {head_file}: unreadable ({exc})")
+        problem(f"{where}: unreadable ({exc})")
         head = {"seq": -1, "hash": ""}
     if head is None:
         if rows:
-            problem(f"audit head {head_file} is missing but the log has {rows} rows "
+            problem(f"{where} is missing but the log has {rows} rows "
                     "(cannot tell whether the tail was truncated)")
     elif head["seq"] >= 0:
         anchors = [(head["seq"], head["hash"])]
@@ -243,11 +255,7 @@ def verify_store(path: str, *, as_json: bool = False, out: TextIO | None = None)
     hp = head_path(path)
 
     def fail(msg: str) -> int:
-        if as_json:
-            out.write(json.dumps({"ok": False, "path": path, "error": msg}) + "\n")
-        else:
-            out.write(f"fastgate audit verify: {msg}\n")
-        return 2
+        return report_failure(out, as_json, path, msg)
 
     if not os.path.isfile(path):
         return fail(f"no key store at {path}")
@@ -265,14 +273,29 @@ def verify_store(path: str, *, as_json: bool = False, out: TextIO | None = None)
         return fail(f"cannot read {path}: {exc}")
     finally:
         conn.close()
+    return report(out, as_json, path, ok, problems, rows, tail, anchor=hp, extra={"head_file": hp})
+
+
+def report_failure(out: TextIO, as_json: bool, path: str, msg: str) -> int:
+    """``fastgate audit verify`` could not read the store: print why; exit code 2."""
+    if as_json:
+        out.write(json.dumps({"ok": False, "path": path, "error": msg}) + "\n")
+    else:
+        out.write(f"fastgate audit verify: {msg}\n")
+    return 2
+
+
+def report(out: TextIO, as_json: bool, path: str, ok: bool, problems: list[str], rows: int,
+           tail: tuple[int, str] | None, *, anchor: str, extra: dict[str, Any] | None = None) -> int:
+    """Print a verification result (either store); exit code 0 verified, 1 problems found."""
     if as_json:
         out.write(json.dumps({
-            "ok": ok, "path": path, "head_file": hp, "rows_checked": rows, "problems": problems,
+            "ok": ok, "path": path, **(extra or {}), "rows_checked": rows, "problems": problems,
             "last_seq": tail[0] if tail else 0, "last_hash": tail[1] if tail else ZERO_HASH,
         }) + "\n")
     elif ok:
         where = f"head seq {tail[0]} hash {tail[1][:16]}..." if tail else "empty log"
-        out.write(f"audit trail OK: {rows} events checked, {where}, anchor {hp} matches\n")
+        out.write(f"audit trail OK: {rows} events checked, {where}, anchor {anchor} matches\n")
     else:
         out.write(f"audit trail FAILED: {len(problems)} problem(s) in {rows} events of {path}\n")
         for p in problems:

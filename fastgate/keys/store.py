@@ -639,6 +639,25 @@ class KeyStore:
         with self._reading() as c:
             return verify_chain(c, self.head_path)
 
+    def change_seq(self) -> int:
+        """The store's change number: the seq of its last audit event (0 when there is none).
+
+        Every key change appends exactly one audit event in the transaction that makes it,
+        so the audit seq is the change number: gap-free, and in commit order."""
+        with self._reading() as c:
+            return c.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
+
+    def changes_since(self, seq: int, limit: int = 10_000) -> list[tuple[int, str]]:
+        """(change number, key id) of every key change after ``seq``, oldest first (page with
+        the last number seen). A key may appear more than once; read its current state."""
+        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise InvalidValue(f"limit: expected 1..100000, found {limit!r}")
+        if not isinstance(seq, int) or not 0 <= seq < (1 << 63):
+            raise InvalidValue(f"seq: expected 0..2**63-1, found {seq!r}")
+        with self._reading() as c:
+            return [tuple(r) for r in c.execute("SELECT seq, key_id FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                                                (seq, limit))]
+
     # ------------------------------------------------------------ writes
 
     def create(self, rec: KeyRecord, actor: str) -> KeyRecord:
@@ -780,16 +799,21 @@ class KeyStore:
         return len(recs)
 
     def _validated(self, rec: KeyRecord, created_at: str, updated_at: str) -> KeyRecord:
-        if not isinstance(rec, KeyRecord):
-            raise InvalidValue(f"expected a KeyRecord, found {type(rec).__name__}")
-        _check_id(rec.id)
-        fields = _check_fields(rec)
-        _check_digest("digest", rec.digest)
-        if rec.prev_digest is not None:
-            _check_digest("prev_digest", rec.prev_digest)
-        revoked = None if rec.revoked_at is None else parse_ts(rec.revoked_at, "revoked_at")
-        return msgspec.structs.replace(rec, **fields, created_at=created_at, updated_at=updated_at,
-                                       revoked_at=revoked, digest=bytes(rec.digest))
+        return validated_record(rec, created_at, updated_at)
+
+
+def validated_record(rec: KeyRecord, created_at: str, updated_at: str) -> KeyRecord:
+    """``rec`` checked as create() checks one, in its stored form (both stores use it)."""
+    if not isinstance(rec, KeyRecord):
+        raise InvalidValue(f"expected a KeyRecord, found {type(rec).__name__}")
+    _check_id(rec.id)
+    fields = _check_fields(rec)
+    _check_digest("digest", rec.digest)
+    if rec.prev_digest is not None:
+        _check_digest("prev_digest", rec.prev_digest)
+    revoked = None if rec.revoked_at is None else parse_ts(rec.revoked_at, "revoked_at")
+    return msgspec.structs.replace(rec, **fields, created_at=created_at, updated_at=updated_at,
+                                   revoked_at=revoked, digest=bytes(rec.digest))
 
 
 class _Tx:

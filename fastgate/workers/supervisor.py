@@ -198,12 +198,12 @@ class Supervisor:
         fork: workers inherit the mapping, the admin process becomes its writer."""
         from .. import core
         from ..admin import keysync
-        from ..keys.store import KeyStore
+        from ..keys import open_config_store
 
         kc = self.config.keys
         self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity, ext_bytes=kc.ext_bytes,
                                        auth_capacity=kc.auth_capacity)
-        store = KeyStore(kc.store)
+        store = open_config_store(self.config)
         try:
             self.secret = store.secret
             table = core.KeyTable(self.arena, secret=self.secret)
@@ -211,7 +211,7 @@ class Supervisor:
         finally:
             store.close()
         log.info("loaded %d keys from %s into shared memory in %.2fs (%d MiB segment)",
-                 n, kc.store, secs, self.arena.size >> 20)
+                 n, store.path, secs, self.arena.size >> 20)
 
     # -- lifecycle --------------------------------------------------------------
     def worker_count(self, config: cfg.Config) -> int:
@@ -334,14 +334,14 @@ class Supervisor:
         hold the change that was being written, such as a revoke)."""
         from .. import core
         from ..admin import keysync
-        from ..keys.store import KeyStore
+        from ..keys import open_config_store
 
         idx = self.arena.repair_dead_writer()
         if idx < 0:
             return
         self.arena.set_writer(os.getpid())
         table = core.KeyTable(self.arena, secret=self.secret)
-        store = KeyStore(self.config.keys.store)
+        store = open_config_store(self.config)
         try:
             done = keysync.resync_slot(store, table, idx)
         finally:

@@ -567,3 +567,35 @@ def test_parse_limit_stays_the_workers_reader():
     assert config.parse_limit("10/second") == (10, "second")
     assert config.parse_limit(" 10 / second") == (10, "second")  # a key stored before the rule
     assert config.LIMIT_UNITS == ("second", "minute", "hour", "day", "month")
+
+
+def test_cluster_section():
+    cfg = build_config({"cluster": {"store": "postgresql://gw:pw@db:5432/fastgate", "redis": "rediss://r:6380/2",
+                                    "node_id": "gw-1:8080"}}, "gw.toml")
+    assert (cfg.cluster.store, cfg.cluster.redis, cfg.cluster.ack_timeout) == (
+        "postgresql://gw:pw@db:5432/fastgate", "rediss://r:6380/2", 1.0)
+    assert build_config({}, "gw.toml").cluster.store is None  # single node by default
+    from fastgate.config import node_id
+
+    assert node_id(cfg) == "gw-1:8080"
+    import socket
+
+    plain = build_config({"server": {"listen": "0.0.0.0:9000"}, "cluster": {"store": "postgresql://db/x"}}, "gw.toml")
+    assert node_id(plain) == f"{socket.gethostname()}:9000"
+
+
+def test_cluster_problems_are_located_and_hide_passwords():
+    problems = dict(problems_of({"cluster": {"store": "mysql://u:hunter2@db/x", "redis": "http://r",
+                                             "node_id": "two words", "ack_timeout": 0}}))
+    assert problems["$.cluster.store"].startswith("expected a URL postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE, "
+                                                  "found 'mysql://u:***@db/x'")
+    assert "hunter2" not in str(problems)
+    assert problems["$.cluster.redis"].startswith("expected a URL redis://")
+    assert "node_id" in str(problems) and "$.cluster.ack_timeout" in problems
+    assert only_problem({"cluster": {"store": "postgresql://db:70000/x"}})[0] == "$.cluster.store"
+    assert only_problem({"cluster": {"store": "postgresql://db/"}})[1].endswith(
+        "with a database name, found 'postgresql://db/'")
+    assert only_problem({"cluster": {"store": "postgresql://db/x", "redis": "redis://r/db0"}})[0] == "$.cluster.redis"
+    assert only_problem({"cluster": {"redis": "redis://r"}}) == (
+        "$.cluster.store", "expected a postgresql:// URL: cluster mode (redis is set) needs the shared store")
+    assert only_problem({"cluster": {"stor": "x"}})[0] == "$.cluster.stor"

@@ -1,5 +1,9 @@
 """Key store: real SQLite files in tmp_path. Durability across reopen, the 0600 secret,
-no plaintext key on disk, every method, pagination, and all-or-nothing failed writes."""
+no plaintext key on disk, every method, pagination, and all-or-nothing failed writes.
+
+The tests that go through the store's public interface run on both backends: the SQLite
+store and the PostgreSQL one (a real server, tests/pg_kit.py); those that reach into
+SQLite's files and pragmas use ``sqlite_store``. PostgreSQL-only checks: test_store_pg.py."""
 
 from __future__ import annotations
 
@@ -27,10 +31,42 @@ from fastgate.keys import (
 
 
 @pytest.fixture
-def store(tmp_path):
+def sqlite_store(tmp_path):
     s = KeyStore(str(tmp_path / "data" / "keys.db"))
     yield s
     s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = KeyStore(str(tmp_path / "data" / "keys.db"))
+    else:
+        from fastgate.keys.store_pg import PgKeyStore
+
+        s = PgKeyStore(request.getfixturevalue("pg_url"), node_id="test-node")
+    yield s
+    s.close()
+
+
+def head_of(store):
+    """The audit anchor as stored: the SQLite store's head file, the PostgreSQL head row."""
+    if isinstance(store, KeyStore):
+        return slurp(store.head_path)
+    import psycopg
+
+    with psycopg.connect(store.url) as c:
+        return c.execute("SELECT seq, hash FROM audit_head").fetchall()
+
+
+def stored_count(store, table) -> int:
+    """Rows in a table, read behind the store's back."""
+    if isinstance(store, KeyStore):
+        return count(store.path, table)
+    import psycopg
+
+    with psycopg.connect(store.url) as c:
+        return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 def new_key(store: KeyStore, **fields) -> tuple[str, KeyRecord]:
@@ -246,17 +282,17 @@ def test_bulk_import_checks_every_record(store):
     assert got.allow_cidrs == ["10.0.0.0/8"] and got.created_at == "2020-01-01T00:00:00.000Z"
 
 
-def test_failed_write_changes_nothing(store, tmp_path):
+def test_failed_write_changes_nothing(store):
     _, rec = new_key(store)
     store.create(rec, "admin")
-    head = slurp(store.head_path)
+    head = head_of(store)
     _, other = new_key(store)
     dup = msgspec.structs.replace(other, id=rec.id, name="dup")
     with pytest.raises(Conflict):
         store.create(dup, "admin")
     assert store.get(rec.id).name == "k"
     assert store.count() == 1 and len(store.audit()) == 1
-    assert slurp(store.head_path) == head
+    assert head_of(store) == head
     assert store.verify_audit()[0]
     # a failing bulk import leaves neither rows nor audit events
     batch = [new_key(store)[1] for _ in range(5)] + [msgspec.structs.replace(other, id=rec.id)]
@@ -265,7 +301,7 @@ def test_failed_write_changes_nothing(store, tmp_path):
     assert store.count() == 1 and len(store.audit(limit=1000)) == 1
     assert store.verify_audit() == (True, [], 1)
     # the raw file agrees (nothing half-written behind the store's cache)
-    assert count(store.path, "keys") == 1 and count(store.path, "audit") == 1
+    assert stored_count(store, "keys") == 1 and stored_count(store, "audit") == 1
 
 
 def _unchanged(store, rec) -> None:
@@ -273,7 +309,8 @@ def _unchanged(store, rec) -> None:
     assert store.verify_audit() == (True, [], 1)
 
 
-def test_full_disk_read_only_and_locked_are_store_unavailable(store, monkeypatch):
+def test_full_disk_read_only_and_locked_are_store_unavailable(sqlite_store, monkeypatch):
+    store = sqlite_store
     _, rec = new_key(store)
     store.create(rec, "admin")
     # disk full while writing the audit anchor (ENOSPC): nothing committed
@@ -345,7 +382,8 @@ def test_names_owners_plans_refuse_control_characters(store):
     assert store.count() == 1
 
 
-def test_seconds_records_of_older_releases_read_in_milliseconds(store):
+def test_seconds_records_of_older_releases_read_in_milliseconds(sqlite_store):
+    store = sqlite_store
     _, rec = new_key(store, expires_at="2020-01-01T00:00:00Z")
     store.create(rec, "admin")
     c = raw(store.path)  # as an older release wrote them: whole seconds
