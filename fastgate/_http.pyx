@@ -40,8 +40,10 @@ No code from llhttp or any other parser is copied here; httptools serves only
 as the test oracle for valid input (tests/unit/test_parser.py).
 """
 
-from libc.stdint cimport uint8_t, int64_t, uint64_t
-from libc.string cimport memchr, memcpy
+cimport cython
+from libc.stdint cimport uint8_t, int32_t, int64_t, uint64_t
+from libc.stdlib cimport realloc
+from libc.string cimport memchr, memcpy, memcmp
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.list cimport PyList_Append
 from cpython.dict cimport PyDict_GetItem
@@ -149,6 +151,79 @@ _FIELDS = {
 }
 FIELD_NAMES = frozenset(_FIELDS)
 
+# The same table for C: a field name is classified by comparing its bytes in
+# place, without making a Python object of it.
+DEF MAX_KNOWN = 64
+cdef const uint8_t *_kn_name[MAX_KNOWN]
+cdef Py_ssize_t _kn_len[MAX_KNOWN]
+cdef int _kn_id[MAX_KNOWN]
+cdef int _nkn = 0
+cdef list _kn_keep = []
+for _name, _fid in _FIELDS.items():
+    assert _nkn < MAX_KNOWN
+    _kn_keep.append(_name)
+    _kn_name[_nkn] = <const uint8_t *>PyBytes_AS_STRING(_name)
+    _kn_len[_nkn] = len(_name)
+    _kn_id[_nkn] = _fid
+    _nkn += 1
+
+
+cdef inline bint _name_is(const uint8_t *p, Py_ssize_t n, const uint8_t *lit, Py_ssize_t m,
+                          bint alias) noexcept:
+    """Case-insensitive equality with a lower-case name; alias: '_' counts as '-'."""
+    cdef Py_ssize_t i
+    cdef uint8_t c
+    if n != m:
+        return False
+    for i in range(n):
+        c = LOWER[p[i]]
+        if alias and c == 95:
+            c = 45
+        if c != lit[i]:
+            return False
+    return True
+
+
+cdef inline int _known(const uint8_t *p, Py_ssize_t n, bint alias) noexcept:
+    """F_* of a field we manage, or -1."""
+    cdef int i
+    for i in range(_nkn):
+        if _kn_len[i] == n and _name_is(p, n, _kn_name[i], n, alias):
+            return _kn_id[i]
+    return -1
+
+
+# Forwarded fields are kept as spans into Head.raw: one copy of the head, no
+# object per field. Head.headers builds tuples on demand (tests, Python stages).
+cdef struct _Span:
+    int32_t off        # the field line, from the start of Head.raw
+    int32_t name_len
+    int32_t v0         # the value, from the start of Head.raw (OWS trimmed)
+    int32_t vlen
+    int32_t flags
+
+DEF FL_KEY = 1         # the key header, or Authorization: Bearer (the key stage removes it)
+DEF FL_CONN = 2        # named in Connection: hop-by-hop, never forwarded
+
+# The spans of the head being parsed (one parser runs at a time per process).
+cdef _Span *_scratch = NULL
+cdef Py_ssize_t _scratch_cap = 0
+
+
+cdef int _scratch_reserve(Py_ssize_t n) except -1:
+    global _scratch, _scratch_cap
+    cdef Py_ssize_t cap
+    cdef _Span *p
+    if n <= _scratch_cap:
+        return 0
+    cap = max(n, 2 * _scratch_cap, 64)
+    p = <_Span *>realloc(_scratch, cap * sizeof(_Span))
+    if p == NULL:
+        raise MemoryError()
+    _scratch = p
+    _scratch_cap = cap
+    return 0
+
 # ------------------------------------------------------------------ errors
 
 cdef object E_BAD = "bad_request"
@@ -158,6 +233,7 @@ cdef object E_VERSION = "http_version_not_supported"
 cdef object E_UPGRADE = "upgrade_refused"
 
 
+@cython.freelist(64)
 cdef class Head:
     """One parsed request head. Read-only for Python."""
     cdef readonly bytes method
@@ -166,7 +242,12 @@ cdef class Head:
     cdef readonly bytes host          # the validated authority, or None (HTTP/1.0 only)
     cdef readonly bint absolute       # absolute-form target (its authority is host)
     cdef readonly int version         # 10 or 11
-    cdef readonly list headers        # [(lower-case name, name, value)] to forward
+    cdef readonly bytes raw           # the head as received, from the request line to the empty line
+    cdef bytes spans                  # _Span[nspans]: the fields to forward, in order
+    cdef readonly int nspans
+    cdef readonly bytes key           # the API key it carries (first key field), or None
+    cdef readonly bint key_conflict   # its key fields disagree
+    cdef readonly bint has_key_field  # a key field is among the spans (forwarded unless taken)
     cdef readonly int64_t length      # Content-Length, or -1
     cdef readonly bint chunked
     cdef readonly bint keep_alive
@@ -177,7 +258,7 @@ cdef class Head:
     cdef readonly bytes xfh           # X-Forwarded-Host from a trusted proxy, or None
     cdef readonly bytes request_id    # X-Request-ID as sent, or None
     cdef readonly bytes method_override        # the first method-override field's value
-    cdef readonly tuple method_override_field  # (lower-case name, name, value) of that field
+    cdef readonly bytes method_override_line   # that field as a line to forward ("Name: value\r\n")
     cdef readonly list conn_tokens    # other tokens named in Connection, or None
     cdef readonly int nfields         # field lines in the head
     cdef readonly int seq             # 1, 2, ... per connection
@@ -185,6 +266,34 @@ cdef class Head:
     @property
     def has_body(self):
         return self.chunked or self.length > 0
+
+    @property
+    def headers(self):
+        """[(lower-case name, name, value)] of the fields to forward (built on demand)."""
+        cdef const char *raw = PyBytes_AS_STRING(self.raw) if self.nspans else NULL
+        cdef const _Span *sp = <const _Span *>PyBytes_AS_STRING(self.spans) if self.nspans else NULL
+        cdef int i
+        out = []
+        for i in range(self.nspans):
+            name = PyBytes_FromStringAndSize(raw + sp[i].off, sp[i].name_len)
+            out.append((name.lower(), name, PyBytes_FromStringAndSize(raw + sp[i].v0, sp[i].vlen)))
+        return out
+
+    cdef int put_fields(self, bint take_key) except -1:
+        """The forwarded fields into the output buffer, "name: value" each."""
+        if not self.nspans:
+            return 0
+        cdef const char *raw = PyBytes_AS_STRING(self.raw)
+        cdef const _Span *sp = <const _Span *>PyBytes_AS_STRING(self.spans)
+        cdef int i, drop = FL_CONN | (FL_KEY if take_key else 0)
+        for i in range(self.nspans):
+            if sp[i].flags & drop:
+                continue
+            _ob_put(raw + sp[i].off, sp[i].name_len)
+            _ob_put(": ", 2)
+            _ob_put(raw + sp[i].v0, sp[i].vlen)
+            _ob_put("\r\n", 2)
+        return 0
 
     @property
     def version_str(self):
@@ -649,8 +758,14 @@ cdef class RequestParser(_Body):
         cdef bint has_host = False, has_cl = False, has_te = False, conn_close = False, conn_keep = False
         cdef bint conn_upgrade = False, under, upgrade_ok = False
         cdef int nupgrade = 0
-        cdef object lname, name, value, tok
-        cdef list headers = []
+        cdef object value, tok
+        cdef Py_ssize_t base = self.line0_start, off
+        cdef int nspans = 0, i, override_at = -1
+        cdef int32_t flags
+        cdef _Span *sp
+        cdef bytes kh = self.key_header
+        cdef const uint8_t *khp = <const uint8_t *>PyBytes_AS_STRING(kh)
+        cdef Py_ssize_t khn = PyBytes_GET_SIZE(kh)
         cdef int64_t cl = -1
         self._reset_scan()
         h.length = -1
@@ -731,13 +846,29 @@ cdef class RequestParser(_Body):
                 if not CLS[line[j]] & C_VALUE:
                     return self._refuse(ev, E_BAD, "control character in a header field value")
             pos = eol + 2
-            name = PyBytes_FromStringAndSize(<const char *>line, name_end)
-            lname = _lower(line, name_end, name)
-            fid = self._classify(lname, under)
+            fid = self._classify(line, name_end, under)
             if fid < 0:
                 continue  # dropped
-            if fid == F_PLAIN:
-                headers.append((lname, name, PyBytes_FromStringAndSize(<const char *>line + v0, v1 - v0)))
+            if fid == F_PLAIN or (fid == F_CLIENT_ADDR and self.trusted):
+                flags = 0
+                if fid == F_PLAIN:
+                    if _name_is(line, name_end, khp, khn, False):
+                        flags = FL_KEY
+                    elif v1 - v0 >= 7 and _name_is(line, name_end, <const uint8_t *>b"authorization", 13, False) \
+                            and _ieq(line + v0, 7, b"bearer "):
+                        flags = FL_KEY
+                if nspans >= _scratch_cap:
+                    _scratch_reserve(nspans + 1)
+                sp = &_scratch[nspans]
+                nspans += 1
+                off = (line - b) - base
+                sp.off = <int32_t>off
+                sp.name_len = <int32_t>name_end
+                sp.v0 = <int32_t>(off + v0)
+                sp.vlen = <int32_t>(v1 - v0)
+                sp.flags = flags
+            elif fid == F_CLIENT_ADDR:
+                continue
             elif fid == F_HOST:
                 if has_host:
                     return self._refuse(ev, E_BAD, "more than one Host header")
@@ -805,10 +936,8 @@ cdef class RequestParser(_Body):
             elif fid == F_OVERRIDE:
                 if h.method_override is None:
                     h.method_override = PyBytes_FromStringAndSize(<const char *>line + v0, v1 - v0)
-                    h.method_override_field = (lname, name, h.method_override)
-            elif fid == F_CLIENT_ADDR:
-                if self.trusted:
-                    headers.append((lname, name, PyBytes_FromStringAndSize(<const char *>line + v0, v1 - v0)))
+                    h.method_override_line = PyBytes_FromStringAndSize(<const char *>line, name_end) + b": " \
+                        + h.method_override + b"\r\n"
         # ---- message semantics
         h.nfields = nfields
         if h.version == 11 and not has_host:
@@ -821,7 +950,11 @@ cdef class RequestParser(_Body):
             h.chunked = True
         h.length = cl
         h.keep_alive = (not conn_close) if h.version == 11 else (conn_keep and not conn_close)
-        h.headers = headers
+        if nspans:
+            h.raw = PyBytes_FromStringAndSize(<const char *>b + base, n - base)
+            h.spans = PyBytes_FromStringAndSize(<const char *>_scratch, nspans * sizeof(_Span))
+            h.nspans = nspans
+            self._resolve(h)
         if conn_upgrade and nupgrade == 1 and upgrade_ok:
             if conn_close:
                 return self._refuse(ev, E_UPGRADE, "Upgrade together with Connection: close")
@@ -886,26 +1019,59 @@ cdef class RequestParser(_Body):
         h.query = b"" if qi == n else PyBytes_FromStringAndSize(<const char *>t + qi, n - qi)
         return True
 
-    cdef int _classify(self, object lname, bint under) except -2:
-        """F_* for a field, or -1 when it is dropped."""
-        cdef PyObject *o
-        cdef bytes alias
+    cdef int _classify(self, const uint8_t *name, Py_ssize_t n, bint under) noexcept:
+        """F_* for a field, or -1 when it is dropped (compared in place)."""
+        cdef int fid
+        cdef bytes kh
         if under:
             if not self.underscores:
                 return -1
             # an alias of a field we manage (Content_Length, X_Api_Key, ...) could
             # become that field behind a back end that maps '_' to '-': drop it
-            alias = (<bytes>lname).replace(b"_", b"-")
-            if PyDict_GetItem(_FIELDS, alias) != NULL or alias == self.key_header \
-                    or alias.startswith(b"x-fastgate-"):
+            kh = self.key_header
+            if _known(name, n, True) >= 0 \
+                    or _name_is(name, n, <const uint8_t *>PyBytes_AS_STRING(kh), PyBytes_GET_SIZE(kh), True) \
+                    or (n >= 11 and _name_is(name, 11, <const uint8_t *>b"x-fastgate-", 11, True)):
                 return -1
             return F_PLAIN
-        o = PyDict_GetItem(_FIELDS, lname)
-        if o != NULL:
-            return <int><object>o
-        if (<bytes>lname).startswith(b"x-fastgate-"):
+        fid = _known(name, n, False)
+        if fid >= 0:
+            return fid
+        if n >= 11 and _name_is(name, 11, <const uint8_t *>b"x-fastgate-", 11, False):
             return -1  # identity fields are the gateway's to set
         return F_PLAIN
+
+    cdef int _resolve(self, Head h) except -1:
+        """After the head: fields named in Connection are hop-by-hop; the key is
+        the first key field's value (a key field named in Connection is no key)."""
+        cdef const char *raw = PyBytes_AS_STRING(h.raw)
+        cdef _Span *sp = <_Span *>PyBytes_AS_STRING(h.spans)
+        cdef int i
+        cdef Py_ssize_t k0, k1
+        cdef const uint8_t *v
+        cdef list tokens = h.conn_tokens
+        if tokens:
+            for i in range(h.nspans):
+                for tok in tokens:
+                    if _ieq(<const uint8_t *>raw + sp[i].off, sp[i].name_len, <bytes>tok):
+                        sp[i].flags |= FL_CONN
+                        break
+        for i in range(h.nspans):
+            if sp[i].flags & FL_KEY and not sp[i].flags & FL_CONN:
+                h.has_key_field = True
+                v = <const uint8_t *>raw + sp[i].v0
+                k0 = 0
+                k1 = sp[i].vlen
+                if sp[i].name_len == 13 and _name_is(<const uint8_t *>raw + sp[i].off, 13,
+                                                     <const uint8_t *>b"authorization", 13, False):
+                    k0 = 7
+                    while k0 < k1 and (v[k0] == 32 or v[k0] == 9):
+                        k0 += 1
+                if h.key is None:
+                    h.key = PyBytes_FromStringAndSize(<const char *>v + k0, k1 - k0)
+                elif PyBytes_GET_SIZE(h.key) != k1 - k0 or memcmp(PyBytes_AS_STRING(h.key), v + k0, k1 - k0) != 0:
+                    h.key_conflict = True
+        return 0
 
 
 # ------------------------------------------------------------------ responses
@@ -915,6 +1081,7 @@ cdef object E_UP = "upstream_unavailable"
 DEF MAX_RESP_FIELDS = 256
 
 
+@cython.freelist(64)
 cdef class ResponseHead:
     """A parsed upstream response head, ready to forward."""
     cdef readonly int status

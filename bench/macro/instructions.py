@@ -55,8 +55,9 @@ def _wait(url: str, timeout: float) -> None:
     raise RuntimeError(f"{url} did not answer in {timeout:.0f}s")
 
 
-def count(root: Path, route: str, n: int) -> int:
-    """Instructions of the worker process after serving n requests (startup included)."""
+def count(root: Path, route: str, n: int, keep: Path | None = None) -> int:
+    """Instructions of the worker process after serving n requests (startup included).
+    keep: copy the worker's callgrind file there (for callgrind_annotate)."""
     d = Path(tempfile.mkdtemp(prefix="fastgate-icount-"))
     try:
         up_port, gw_port, admin_port = _free_port(), _free_port(), _free_port()
@@ -130,9 +131,12 @@ def count(root: Path, route: str, n: int) -> int:
         for f in glob.glob(str(cg / "cg.*")):
             m = re.search(r"^(?:summary|totals): (\d+)", Path(f).read_text(errors="replace"), re.M)
             if m:
-                totals.append(int(m.group(1)))
+                totals.append((int(m.group(1)), f))
         # master, admin process, worker: the worker is the one that served
-        return max(totals)
+        total, worker = max(totals)
+        if keep is not None:
+            shutil.copy(worker, keep / f"callgrind.{route}.{n}")
+        return total
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -143,13 +147,15 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=ROOT, help="the checkout to measure (default: this one)")
     ap.add_argument("--n1", type=int, default=1000)
     ap.add_argument("--n2", type=int, default=4000)
+    ap.add_argument("--keep", type=Path, help="a folder for the worker's callgrind files: "
+                    "callgrind_annotate callgrind.key.4000 shows where they go")
     args = ap.parse_args(argv)
     for tool in ("valgrind", "nginx"):
         if shutil.which(tool) is None:
             print(f"needs {tool} (apt-get install {tool})", file=sys.stderr)
             return 2
     for route in (["key", "none"] if args.route == "both" else [args.route]):
-        a, b = count(args.root, route, args.n1), count(args.root, route, args.n2)
+        a, b = count(args.root, route, args.n1, args.keep), count(args.root, route, args.n2, args.keep)
         print(f"{route} route: {(b - a) / (args.n2 - args.n1):,.0f} instructions/request"
               f" ({args.root}, N = {args.n1} and {args.n2})", flush=True)
     return 0

@@ -130,6 +130,7 @@ cdef class UpstreamConn
 cdef class Meter
 
 
+@cython.freelist(64)  # one per request: reused, not malloc'd and freed
 cdef class Timings:
     """When one exchange did what (monotonic ns). Written only by its Exchange."""
 
@@ -148,6 +149,7 @@ cdef class Timings:
         return (self.response - self.start) // 1000 if self.response else None
 
 
+@cython.freelist(64)  # one per request: reused, not malloc'd and freed
 cdef class Decision:
     """What the pipeline decided for one request. Written by the stages
     (stages.pxi, and stages written in Python); read by the upstream head,
@@ -156,7 +158,8 @@ cdef class Decision:
     cdef public object route
     cdef public object client          # the client address (str), once client_ip ran
     cdef public bytes authz_method     # what routes and scopes check (a route may honour method override)
-    cdef public list headers           # the fields the upstream gets: (lower-case name, name, value)
+    cdef public bint take_key          # the key fields are not forwarded (the key stage took them)
+    cdef public bytes add_fields       # field lines added to what the upstream gets ("Name: value\r\n" each)
     cdef public bytes query            # the query the upstream gets (the key's parameter removed)
     cdef public bytes up_path          # the path the upstream gets, when a rewrite changed it
     cdef public bytes identity         # x-fastgate-* fields naming the key to the upstream
@@ -169,12 +172,7 @@ cdef class Decision:
     cdef public object target          # the upstream target chosen
 
     def __init__(self, Head h):
-        cdef list headers = h.headers
-        cdef list tokens = h.conn_tokens
-        if tokens:  # fields named in Connection are hop-by-hop too
-            drop = set(tokens)
-            headers = [f for f in headers if f[0] not in drop]
-        self.headers = headers
+        self.add_fields = b""
         self.query = h.query
         self.authz_method = h.method
         self.key_index = -1
@@ -182,6 +180,7 @@ cdef class Decision:
         self.resp_extra = b""
 
 
+@cython.freelist(64)  # one per request: reused, not malloc'd and freed
 cdef class Leg:
     """The upstream side of one exchange: the connection it holds, or the
     connect it waits on, and how its body is framed. Written only here."""
@@ -266,7 +265,7 @@ cdef class ResponseSink:
         pass
 
 
-cdef class Exchange(ResponseSink):
+cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for it)
     """One request/response, from the request head to the response end: the
     request body as it arrives and the response towards the client. Driven by
     its ClientConnection; an upstream connection reaches it as a ResponseSink."""

@@ -186,7 +186,7 @@ cdef class KeyCredential(Stage):
 
     cpdef bint run(self, Exchange ex) except -1:
         cdef Decision d = ex.d
-        key = self.take_key(d)
+        key = self.take_key(ex)
         if key is None:
             ex.reply("key_missing", "this route needs an API key", _WWW_AUTH)
             return False
@@ -231,32 +231,16 @@ cdef class KeyCredential(Stage):
                          b"retry-after: 1\r\n" if code == "overloaded" else b"")
         return False
 
-    cdef object take_key(self, Decision d):
-        """Find the key and remove it from what the upstream will see."""
-        cdef bytes kh = self.header
-        cdef object found = None
-        cdef list keep = None
-        cdef list headers = d.headers
-        cdef Py_ssize_t i
-        cdef tuple h
-        for i in range(len(headers)):
-            h = headers[i]
-            ln = h[0]
-            if ln == kh:
-                cand = h[2].strip()
-            elif ln == b"authorization" and h[2][:7].lower() == b"bearer ":
-                cand = h[2][7:].strip()
-            else:
-                continue
-            if found is not None and cand != found:
-                return _CONFLICT
-            found = cand
-            if keep is None:
-                keep = headers[:i]
-        if keep is not None:
-            keep += [f for f in headers[len(keep):]
-                     if f[0] != kh and not (f[0] == b"authorization" and f[2][:7].lower() == b"bearer ")]
-            d.headers = keep
+    cdef object take_key(self, Exchange ex):
+        """The key the parser found (the key header or Authorization: Bearer,
+        which are then not forwarded), or an opted-in query parameter."""
+        cdef Head h = ex.head
+        cdef Decision d = ex.d
+        if h.key_conflict:
+            return _CONFLICT
+        cdef object found = h.key
+        if h.has_key_field:
+            d.take_key = True
         param = self.param
         if param and d.query:
             rest = []
@@ -367,9 +351,9 @@ cdef class Rewrite(Stage):
         if self.strip:
             path = ex.path[len(self.prefix):] or b"/"
             d.up_path = path if path[:1] == b"/" else b"/" + path
-        field = ex.head.method_override_field
-        if field is not None and self.override:
-            d.headers = d.headers + [field]
+        line = ex.head.method_override_line
+        if line is not None and self.override:
+            d.add_fields = d.add_fields + line
         return True
 
 
@@ -506,7 +490,6 @@ cpdef bytes build_head(w, Exchange ex, target):
     cdef Head h = ex.head
     cdef bytes host = h.host or b""
     cdef bytes proto = h.xfp if trusted and h.xfp else b"http"
-    cdef tuple f
     _ob_reset()
     _ob_bytes(h.method)
     _ob_bytes(b" ")
@@ -515,11 +498,9 @@ cpdef bytes build_head(w, Exchange ex, target):
     _ob_bytes(b" HTTP/1.1\r\nhost: ")
     _ob_bytes(host if route.preserve_host and host else target.host_header)
     _ob_bytes(b"\r\n")
-    for f in d.headers:
-        _ob_bytes(<bytes>f[1])
-        _ob_bytes(b": ")
-        _ob_bytes(<bytes>f[2])
-        _ob_bytes(b"\r\n")
+    h.put_fields(d.take_key)
+    if d.add_fields:
+        _ob_bytes(d.add_fields)
     if d.identity:
         _ob_bytes(d.identity)
     _ob_bytes(b"x-forwarded-for: ")
