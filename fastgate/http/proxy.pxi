@@ -171,7 +171,7 @@ cdef class Decision:
     cdef public bytes resp_extra       # fields added to the response (rate-limit state)
     cdef public object target          # the upstream target chosen
 
-    def __init__(self, Head h):
+    cdef init(self, Head h):
         self.add_fields = b""
         self.query = h.query
         self.authz_method = h.method
@@ -294,19 +294,24 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
     cdef readonly int64_t bytes_out
     cdef readonly bint done
 
-    def __init__(self, ClientConnection conn, Head h, bytes path, str request_id):
+    @staticmethod
+    cdef Exchange new(ClientConnection conn, Head h, bytes path, str request_id):
+        """(Not a Python constructor: argument parsing per request costs more than the rest.)"""
+        cdef Exchange self = Exchange.__new__(Exchange)
         self.conn = conn
         self.head = h
         self.path = path
         self.request_id = request_id
         self.keep_alive = h.keep_alive
-        self.d = Decision(h)
-        self.leg = Leg()
-        self.t = Timings()
+        self.d = Decision.__new__(Decision)
+        self.d.init(h)
+        self.leg = Leg.__new__(Leg)
+        self.t = Timings.__new__(Timings)
         self.t.start = _now_ns()
         self.body_done = not (h.chunked or h.length > 0)
         if h.upgrade is not None:
             self.tunnel_buf = []
+        return self
 
     # -- for the stages and the worker (Python-visible) ----------------------------
     @property
@@ -629,7 +634,7 @@ cdef class ClientConnection:
     cdef readonly double deadline
     cdef readonly int deadline_kind
     cdef int64_t body_bytes            # body bytes received in the current rate window
-    cdef readonly double idle_since
+    cdef readonly double idle_since    # monotonic s: the oldest idle connections are shed first
     cdef readonly UpstreamConn upgraded
     cdef readonly bint write_paused
     cdef readonly int read_paused      # bit 1: upstream backpressure, 2: pipelining queue, 4: held body
@@ -675,7 +680,7 @@ cdef class ClientConnection:
         self.meter = w.meter
         w.conns.add(self)
         # A connection that never sends a byte is closed, silently, after this.
-        self.idle_since = w.loop.time()
+        self.idle_since = _now_ns() / 1e9
         self.deadline = w.now + s.header_timeout
         self.deadline_kind = _K_HEAD
 
@@ -805,7 +810,7 @@ cdef class ClientConnection:
             request_id = rid.decode("latin-1")
         else:
             request_id = next_request_id()
-        cdef Exchange ex = Exchange(self, h, path, request_id)
+        cdef Exchange ex = Exchange.new(self, h, path, request_id)
         if not ex.body_done:
             self.parsing = ex
         if h.upgrade is not None:
@@ -863,7 +868,7 @@ cdef class ClientConnection:
             if kind != _K_IDLE and kind != _K_HEAD:
                 self.deadline = w.now + w.s.keepalive_timeout
                 self.deadline_kind = _K_IDLE
-                self.idle_since = w.loop.time()
+                self.idle_since = _now_ns() / 1e9  # (w.now only moves on the tick)
         elif kind != _K_NONE:
             self.deadline_kind = _K_NONE
 
