@@ -83,13 +83,36 @@ cdef inline bytes _ob_take():
 # -- request ids -------------------------------------------------------------------------
 
 cdef str _rid_prefix = ""
+cdef bytes _rid_prefix_b = b""
 cdef unsigned long long _rid = 0
 
 
 def set_request_id_prefix(str prefix):
     """Request ids are this process's random prefix + a counter (16 hex digits)."""
-    global _rid_prefix
+    global _rid_prefix, _rid_prefix_b
     _rid_prefix = prefix
+    _rid_prefix_b = prefix.encode("ascii")
+
+
+cdef bytes _next_rid():
+    """next_request_id() as the bytes that go on the wire (no str made and encoded)."""
+    global _rid
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(_rid_prefix_b)
+    cdef unsigned long long u
+    cdef int i
+    cdef bytes out
+    cdef char *o
+    if _rid + 1 >= (1ULL << 32):
+        return next_request_id().encode("ascii")
+    _rid += 1
+    u = _rid
+    out = PyBytes_FromStringAndSize(NULL, n + 8)
+    o = PyBytes_AS_STRING(out)
+    memcpy(o, PyBytes_AS_STRING(_rid_prefix_b), n)
+    for i in range(7, -1, -1):
+        o[n + i] = b"0123456789abcdef"[u & 15]
+        u >>= 4
+    return out
 
 
 cpdef str next_request_id():

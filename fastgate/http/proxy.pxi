@@ -48,6 +48,7 @@ import struct as _struct
 from collections import deque as _deque
 
 from fastgate.errors import ERROR_STATUS as _ERROR_STATUS
+from fastgate.config import parse_hostport as _parse_hostport
 from fastgate.ipfilter import pack_ip as _pack_ip
 from fastgate.server.http1 import error_reply as _error_reply, normalise_path as _normalise_path, \
     status_line as _status_line
@@ -108,6 +109,19 @@ cpdef reset(transport):
     transport.abort()
 
 
+cdef list _STATUS_LINES = [None] * 1000
+
+
+cdef inline bytes _status_bytes(int status):
+    """http1.status_line, cached by status in a list (not a Python call a response)."""
+    if not 0 <= status < 1000:
+        return _status_line(status)
+    line = _STATUS_LINES[status]
+    if line is None:
+        line = _STATUS_LINES[status] = _status_line(status)
+    return line
+
+
 cdef inline bint _plain_path(bytes path) noexcept:
     """Nothing for normalise_path to do: no '%', '\\', NUL, '//' or '/.'
     (its own fast path, without a regex or a Python call)."""
@@ -128,6 +142,74 @@ cdef inline bint _plain_path(bytes path) noexcept:
 cdef class ClientConnection
 cdef class UpstreamConn
 cdef class Meter
+
+
+cdef class Target:
+    """One upstream host:port with its idle keep-alive connections (LIFO:
+    warmest first). A cdef class so the data plane reads its settings and its
+    pool as C fields; reused across reloads (apply) so the pool survives."""
+
+    cdef readonly str name
+    cdef readonly str host
+    cdef readonly int port
+    cdef readonly bytes host_header
+    cdef readonly object idle          # deque of UpstreamConn
+    cdef readonly int max_idle
+    cdef readonly double idle_timeout
+    cdef readonly double connect_timeout
+    cdef readonly double read_timeout
+    cdef readonly list counts          # connects, reuses, connect errors (kept across reloads)
+
+    def __init__(self, str addr, uc):
+        self.host, self.port = _parse_hostport(addr)
+        self.name = addr
+        self.host_header = addr.encode()
+        self.idle = _deque()
+        self.counts = [0, 0, 0]
+        self.apply(uc)
+
+    def apply(self, uc):
+        self.max_idle = uc.max_idle
+        self.idle_timeout = uc.idle_timeout
+        self.connect_timeout = uc.connect_timeout
+        self.read_timeout = uc.read_timeout
+        while len(self.idle) > self.max_idle:
+            self.idle.popleft().transport.close()
+
+    cpdef UpstreamConn get(self):
+        """The warmest idle connection that is still open, or None."""
+        cdef UpstreamConn up
+        idle = self.idle
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                return up
+        return None
+
+    cdef put(self, UpstreamConn up, double now):
+        if self.max_idle == 0:
+            up.transport.close()
+            return
+        up.idle_until = now + self.idle_timeout
+        idle = self.idle
+        idle.append(up)
+        if len(idle) > self.max_idle:
+            idle.popleft().transport.close()
+
+    def discard(self, conn):
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def expire(self, double now):
+        idle = self.idle
+        while idle and (<UpstreamConn>idle[0]).idle_until <= now:
+            idle.popleft().transport.close()
+
+    def close_all(self):
+        while self.idle:
+            self.idle.pop().transport.close()
 
 
 @cython.freelist(64)  # one per request: reused, not malloc'd and freed
@@ -273,7 +355,7 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
     cdef readonly ClientConnection conn
     cdef readonly Head head
     cdef readonly bytes path           # normalised
-    cdef readonly str request_id
+    cdef readonly bytes rid            # the request id, as it goes on the wire
     cdef readonly Decision d
     cdef readonly Leg leg
     cdef readonly Timings t
@@ -295,13 +377,13 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
     cdef readonly bint done
 
     @staticmethod
-    cdef Exchange new(ClientConnection conn, Head h, bytes path, str request_id):
+    cdef Exchange new(ClientConnection conn, Head h, bytes path, bytes rid):
         """(Not a Python constructor: argument parsing per request costs more than the rest.)"""
         cdef Exchange self = Exchange.__new__(Exchange)
         self.conn = conn
         self.head = h
         self.path = path
-        self.request_id = request_id
+        self.rid = rid
         self.keep_alive = h.keep_alive
         self.d = Decision.__new__(Decision)
         self.d.init(h)
@@ -319,6 +401,10 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
         return self.head.method
 
     @property
+    def request_id(self):
+        return self.rid.decode("latin-1")
+
+    @property
     def length(self):
         """Content-Length, or None."""
         return self.head.length if self.head.length >= 0 else None
@@ -331,7 +417,7 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
         self.resp_started = True
         self.status = _ERROR_STATUS[code]
         self.error = code
-        conn.write(_error_reply(code, message, self.request_id, close=close, extra=extra,
+        conn.write(_error_reply(code, message, self.rid.decode("latin-1"), close=close, extra=extra,
                                 head_only=h.method == b"HEAD"))
         conn.finish(self, close)
 
@@ -528,7 +614,7 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
             close = True
         self.resp_frame = frame
         _ob_reset()
-        _ob_bytes(_status_line(status))
+        _ob_bytes(_status_bytes(status))
         _ob_bytes(rh.fields)
         if rh.length_raw is not None and (frame == _F_LENGTH or head_only):
             _ob_bytes(b"content-length: ")
@@ -543,7 +629,7 @@ cdef class Exchange(ResponseSink):  # (a subtype: Cython keeps no freelist for i
         if self.d.resp_extra:
             _ob_bytes(self.d.resp_extra)
         _ob_bytes(b"x-request-id: ")
-        _ob_bytes(self.request_id.encode())
+        _ob_bytes(self.rid)
         _ob_bytes(b"\r\n\r\n")
         conn.write(_ob_take())
         if close:
@@ -805,12 +891,10 @@ cdef class ClientConnection:
         if path is None:
             self.reject_now("bad_request", "invalid request path")
             return
-        rid = h.request_id
-        if rid is not None and self.trusted and 0 < len(rid) <= 200 and rid.isascii():
-            request_id = rid.decode("latin-1")
-        else:
-            request_id = next_request_id()
-        cdef Exchange ex = Exchange.new(self, h, path, request_id)
+        rid = h.request_id  # a trusted proxy's id is kept
+        if rid is None or not self.trusted or not 0 < len(rid) <= 200 or not rid.isascii():
+            rid = _next_rid()
+        cdef Exchange ex = Exchange.new(self, h, path, rid)
         if not ex.body_done:
             self.parsing = ex
         if h.upgrade is not None:
@@ -1032,13 +1116,13 @@ cdef class UpstreamConn:
     (ResponseParser) and hands head and body to the exchange's ResponseSink.
     Never pipelines to the upstream."""
 
-    cdef readonly object target
+    cdef readonly Target target
     cdef readonly object transport
     cdef ResponseParser parser
     cdef ResponseSink sink
     cdef readonly bint closed
     cdef readonly bint reused
-    cdef readonly double idle_until
+    cdef double idle_until
     cdef readonly double deadline
     cdef bint got_bytes
     cdef object tunnel                 # the client transport, once this is a tunnel
@@ -1047,7 +1131,7 @@ cdef class UpstreamConn:
     cdef bint head_request
     cdef bint upgrade
 
-    def __init__(self, target):
+    def __init__(self, Target target):
         self.target = target
         self.parser = ResponseParser()
 
@@ -1196,13 +1280,4 @@ cdef class UpstreamConn:
 
     cdef pool(self, double now):
         """Back to its target's pool as the warmest idle connection."""
-        target = self.target
-        cdef int max_idle = target.max_idle
-        if max_idle == 0:
-            self.transport.close()
-            return
-        self.idle_until = now + target.idle_timeout
-        idle = target.idle
-        idle.append(self)
-        if len(idle) > max_idle:
-            idle.popleft().transport.close()
+        self.target.put(self, now)

@@ -475,16 +475,11 @@ cpdef proxy(w, Exchange ex, target):
 
 
 cpdef send(w, Exchange ex):
-    target = ex.d.target
+    cdef Target target = ex.d.target
     cdef UpstreamConn up = None
     cdef list c = target.counts  # [connects, reuses, connect errors]
     if ex.head.upgrade is None:
-        idle = target.idle  # warmest first (LIFO)
-        while idle:
-            up = idle.pop()
-            if not up.closed:
-                break
-            up = None
+        up = target.get()
     if up is not None:
         c[1] = c[1] + 1
         ex.send(up, build_head(w, ex, target))
@@ -492,7 +487,7 @@ cpdef send(w, Exchange ex):
     w.connect(ex, target)
 
 
-cpdef bytes build_head(w, Exchange ex, target):
+cpdef bytes build_head(w, Exchange ex, Target target):
     """The upstream request head, copied into the output buffer in one pass."""
     cdef ClientConnection conn = ex.conn
     cdef Decision d = ex.d
@@ -526,7 +521,7 @@ cpdef bytes build_head(w, Exchange ex, target):
     _ob_bytes(b"\r\nx-forwarded-host: ")
     _ob_bytes(h.xfh if trusted and h.xfh else host)
     _ob_bytes(b"\r\nx-request-id: ")
-    _ob_bytes(ex.request_id.encode())
+    _ob_bytes(ex.rid)
     _ob_bytes(b"\r\n")
     if w.forwarded_header:
         _ob_bytes(forwarded_element(conn.peer, host, proto))
