@@ -28,10 +28,12 @@ whose audit hash at it differs (a restored or another store), too many changes t
 replay, a replayed key that does not fit where the store says -- means a full load,
 with one log line saying why.
 
-Writing: only the admin process (the arena's single writer) takes snapshots. It
-first catches up with the store (every change after its watermark, a few hundred
-keys per event-loop turn, so the admin API keeps answering), then in one loop
-callback -- between two key writes, which are synchronous -- copies the key part
+Writing: only the admin process (the arena's single writer) takes snapshots. On a
+single node it is the store's only writer and applies each write before answering,
+so the arena holds every stored change between two writes; on a cluster store it
+first catches up with the other nodes' changes (every change after its watermark,
+a few hundred keys per event-loop turn, so the admin API keeps answering). Then in
+one loop callback -- between two key writes, which are synchronous -- copies the key part
 (memcpy, ~0.1 s for 1M keys) and reads the change number, then hashes and writes
 the copy in a thread: temp file, fsync, rename, fsync of the directory. A crash at
 any point leaves the previous snapshot intact. One is written soon after a start
@@ -361,6 +363,12 @@ class Snapshotter:
         self.interval = config.keys.snapshot_interval
         self.on = enabled(config) and core.IMPLEMENTATION == "cython"
         self.watermark = STATE["seq"]  # every change up to this is in the arena
+        # Single node (SQLite): this process is the store's only writer (instance lock) and
+        # applies each of its writes before it answers, so between two writes the arena
+        # holds every change the store has: no catching up. A cluster store also takes
+        # other nodes' changes: those are caught up before a copy.
+        cl = getattr(config, "cluster", None)
+        self.exclusive = not (cl is not None and cl.store)
         self.on_disk = STATE["on_disk"]
         self._thread: threading.Thread | None = None
         self._target: int | None = None
@@ -401,7 +409,7 @@ class Snapshotter:
         try:
             if self._target is None:
                 return
-            if self.catch_up(CHUNK) < self._target:
+            if not self.exclusive and self.catch_up(CHUNK) < self._target:
                 self.loop.call_soon(self._step)
                 return
             payload, fields = self.copy()
@@ -425,6 +433,8 @@ class Snapshotter:
 
     def copy(self) -> tuple[bytes, dict]:
         """Synchronous, between two key writes: the key part and the change it reflects."""
+        if self.exclusive:
+            self.watermark = max(self.watermark, self.store.change_seq())
         payload = self.arena.export_keys()
         return payload, dict(secret=self.store.secret, layout=core.LAYOUT_VERSION,
                              key_capacity=self.arena.key_capacity, ext_bytes=self.arena.header()["ext_bytes"],
@@ -451,7 +461,10 @@ class Snapshotter:
         try:
             if self._thread is not None:
                 self._thread.join()
-            self.catch_up()
+            if self.exclusive:
+                self.watermark = max(self.watermark, self.store.change_seq())
+            else:
+                self.catch_up()
             if self.on_disk is not None and self.watermark <= self.on_disk:
                 return
             self._write(*self.copy())
