@@ -8,7 +8,7 @@ Expected outcomes are the negative return codes; CoreError is raised only on
 the cold path (bad config input, layout mismatch, full table, wrong process).
 """
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 LAYOUT_VERSION: int
 NO_SUCH_KEY: int  # -1  unknown digest (or a rotated-out digest past its grace)
@@ -85,6 +85,14 @@ class Arena:
         """Restore a record a dead writer left mid-write now; True if there was one."""
     def unlink(self) -> None:
         """Creator only; removes the /dev/shm file (no-op for anonymous arenas)."""
+    def export_keys(self) -> bytes:
+        """Writer only: the key part (records up to the highest index used, extension heap up
+        to its bump pointer) behind a header with layout version and capacities. No digest
+        index, no rate counters. Consistent: only the writer changes keys."""
+    def import_keys(self, data: bytes | memoryview) -> int:
+        """Writer only, into an arena that has held no key: export_keys() output back in, digest
+        index rebuilt; returns the live keys. CoreError (arena unchanged) on another layout
+        version or key capacity, a larger heap, or a payload that does not add up."""
 
 class KeyTable:
     """Keyed-digest -> key record. Any process reads; only arena.writer_pid writes."""
@@ -143,6 +151,8 @@ class KeyTable:
     def __len__(self) -> int: ...
     def stats(self) -> dict[str, int]:
         """capacity, live, digests, slots, tombstones (rebuilt past slots/8), rebuilds, ..."""
+    def indexes_by_meta(self, prefixes: Iterable[bytes]) -> dict[bytes, int]:
+        """Writer only: {prefix: key index} for live records whose meta begins with a prefix."""
 
 class Admission:
     """What RateTable.admit() decided, filled in place: one per worker, reused per request.

@@ -107,6 +107,8 @@ cdef int X_ARENA_SET_WRITER = CROSSINGS.index("Arena.set_writer")
 cdef int X_ARENA_REPAIR_DEAD_WRITER = CROSSINGS.index("Arena.repair_dead_writer")
 cdef int X_ARENA_RECOVER = CROSSINGS.index("Arena.recover")
 cdef int X_ARENA_UNLINK = CROSSINGS.index("Arena.unlink")
+cdef int X_ARENA_EXPORT_KEYS = CROSSINGS.index("Arena.export_keys")
+cdef int X_ARENA_IMPORT_KEYS = CROSSINGS.index("Arena.import_keys")
 cdef int X_KEYTABLE_CAPACITY = CROSSINGS.index("KeyTable.capacity")
 cdef int X_KEYTABLE_LAST_PLAN = CROSSINGS.index("KeyTable.last_plan")
 cdef int X_KEYTABLE_SET_SECRET = CROSSINGS.index("KeyTable.set_secret")
@@ -126,6 +128,7 @@ cdef int X_KEYTABLE_GENERATION = CROSSINGS.index("KeyTable.generation")
 cdef int X_KEYTABLE_PROBES = CROSSINGS.index("KeyTable.probes")
 cdef int X_KEYTABLE_LEN = CROSSINGS.index("KeyTable.__len__")
 cdef int X_KEYTABLE_STATS = CROSSINGS.index("KeyTable.stats")
+cdef int X_KEYTABLE_INDEXES_BY_META = CROSSINGS.index("KeyTable.indexes_by_meta")
 cdef int X_RATETABLE_POLICY = CROSSINGS.index("RateTable.policy")
 cdef int X_RATETABLE_SET_PLANS = CROSSINGS.index("RateTable.set_plans")
 cdef int X_RATETABLE_HIT = CROSSINGS.index("RateTable.hit")
@@ -197,6 +200,8 @@ cdef enum:
     OWNER_RETRIES = 3        # address hits whose entry was reclaimed under them
     MODE_REFUSE = 0
     MODE_EVICT = 1
+    KS_HDR = 512             # key snapshot header (export_keys / import_keys)
+    KS_WORDS = 64
 
 cdef extern from *:
     """
@@ -213,6 +218,8 @@ cdef extern from *:
     # before it answers KEY_BUSY; cold readers (info/meta) wait longer, then raise.
     const int64_t BUSY_WAIT_NS "FG_BUSY_WAIT_NS"
     const int64_t SNAP_WAIT_NS "FG_SNAP_WAIT_NS"
+
+cdef uint64_t KS_MAGIC = int.from_bytes(b"FGKEYS01", "little")
 
 cdef struct Record:          # 128 bytes, guarded by seq (seqlock, single writer)
     uint32_t seq
@@ -532,6 +539,154 @@ cdef class Arena:
                 os.unlink(self._path)
             except FileNotFoundError:
                 pass
+
+    # ---- key snapshot (fast start): the key part of the arena out and back in.
+    # Format (native byte order, this build only): KS_HDR bytes of u64 words --
+    # magic, layout version, key_capacity, key_slots, ext_bytes, records n,
+    # extension bytes used, live keys, alloc_hint, record size, then the
+    # extension free-list heads -- then records [0, n), then the extension heap
+    # [0, used). Not the digest index (import rebuilds it) and no rate counter.
+
+    def export_keys(self):
+        """The key part of the arena as one bytes object (a snapshot payload): the
+        records up to the highest index ever used and the extension heap up to its
+        bump pointer, behind a header naming the layout and capacities.
+
+        Writer only. Only the writer changes keys, and this copy is taken between
+        two of its writes, so it is consistent without stopping any reader."""
+        FG_CROSS(X_ARENA_EXPORT_KEYS)
+        self._require_writer()
+        cdef uint64_t n = self.key_cap, used = self.hdr.ext_bump
+        cdef int c
+        while n > 0 and self.records[n - 1].gen == 0 and not (self.records[n - 1].flags & F_LIVE):
+            n -= 1
+        cdef uint64_t rbytes = sizeof(Record) * n
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, KS_HDR + rbytes + used)
+        cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+        cdef uint64_t w[KS_WORDS]
+        memset(w, 0, sizeof(w))
+        w[0] = KS_MAGIC
+        w[1] = LAYOUT_VERSION
+        w[2] = self.key_cap
+        w[3] = self.hdr.key_slots
+        w[4] = self.ext_bytes
+        w[5] = n
+        w[6] = used
+        w[7] = self.hdr.live_keys
+        w[8] = self.hdr.alloc_hint
+        w[9] = sizeof(Record)
+        for c in range(EXT_CLASSES):
+            w[10 + c] = self.hdr.free_heads[c]
+        memcpy(o, w, KS_HDR)
+        with nogil:
+            memcpy(o + KS_HDR, self.records, rbytes)
+            memcpy(o + KS_HDR + rbytes, self.ext, used)
+        return out
+
+    def import_keys(self, const uint8_t[::1] data not None):
+        """Fill this arena's key part from export_keys() output (bytes, or a read-only
+        mmap of a snapshot file) and rebuild the digest index; returns the number of
+        live keys. Writer only, into an arena that has held no key yet.
+
+        Everything is checked before anything is written: CoreError, and the arena
+        left as it was, for another layout version or key capacity, an extension heap
+        larger than this arena's, a short or long payload, a record or free list that
+        points outside the copied heap, a live count that does not add up."""
+        FG_CROSS(X_ARENA_IMPORT_KEYS)
+        self._require_writer()
+        if self.hdr.live_keys or self.hdr.digests or self.hdr.tombstones or self.hdr.ext_bump != 64:
+            raise CoreError("import_keys needs an arena that has held no key yet")
+        cdef Py_ssize_t size = data.shape[0]
+        if size < KS_HDR:
+            raise CoreError(f"key snapshot is {size} bytes; expected at least its {KS_HDR}-byte header")
+        cdef const uint8_t *p = &data[0]
+        cdef uint64_t w[KS_WORDS]
+        memcpy(w, p, KS_HDR)
+        if w[0] != KS_MAGIC:
+            raise CoreError("key snapshot has the wrong magic (not made by this core's export_keys)")
+        if w[1] != LAYOUT_VERSION or w[9] != sizeof(Record):
+            raise CoreError(f"key snapshot is of arena layout v{w[1]}; this build has v{LAYOUT_VERSION}")
+        if w[2] != self.key_cap or w[3] != self.hdr.key_slots:
+            raise CoreError(f"key snapshot is of an arena with key_capacity {w[2]}; this one has {self.key_cap}")
+        cdef uint64_t n = w[5], used = w[6], live = 0, k, off, size_c, steps
+        if used < 64 or used > self.ext_bytes or used & 63:
+            raise CoreError(f"key snapshot uses {used} extension bytes; this arena has {self.ext_bytes}")
+        if n > self.key_cap or <uint64_t>size != KS_HDR + sizeof(Record) * n + used:
+            raise CoreError(f"key snapshot is {size} bytes; its header says {KS_HDR + sizeof(Record) * n + used}")
+        cdef const uint8_t *recs = p + KS_HDR
+        cdef const uint8_t *ext = recs + sizeof(Record) * n
+        cdef Record r
+        cdef int c
+        for k in range(n):
+            memcpy(&r, recs + sizeof(Record) * k, sizeof(Record))
+            if r.seq & 1:
+                raise CoreError(f"key snapshot record {k} was copied mid-write")
+            if not (r.flags & F_LIVE):
+                continue
+            if r.flags & ~(F_LIVE | F_DISABLED | F_REVOKED):
+                raise CoreError(f"key snapshot record {k} has unknown flags {r.flags:#x}")
+            if r.ext_off != 0 and (r.ext_off < 64 or r.ext_len < EXT_HEADER or r.ext_off > used
+                                   or r.ext_len > used - r.ext_off):
+                raise CoreError(f"key snapshot record {k} points outside the copied extension heap")
+            live += 1
+        if live != w[7]:
+            raise CoreError(f"key snapshot holds {live} live records; its header says {w[7]}")
+        for c in range(EXT_CLASSES):
+            # every free block must lie inside the copied heap, aligned to its size:
+            # the allocator hands them out again without looking
+            size_c = (<uint64_t>64) << c
+            off = w[10 + c]
+            steps = 0
+            while off:
+                if off < 64 or off & 63 or off > used or size_c > used - off or steps > used // 64:
+                    raise CoreError(f"key snapshot free list {c} leaves the copied extension heap")
+                off = _le64(ext + off)
+                steps += 1
+        with nogil:
+            memcpy(self.records, recs, sizeof(Record) * n)
+            memcpy(self.ext, ext, used)
+        self.hdr.ext_bump = used
+        for c in range(EXT_CLASSES):
+            self.hdr.free_heads[c] = w[10 + c]
+        self.hdr.alloc_hint = w[8] % self.key_cap
+        self.hdr.live_keys = live
+        self.hdr.digests = self._index_all(n)
+        # the master imports before it forks: the fork orders this for the workers;
+        # the fence is for any process already attached
+        fg_fence_rel()
+        return live
+
+    cdef uint64_t _index_all(self, uint64_t n) noexcept:
+        """Insert the digests of records [0, n) into the live (empty) slot area."""
+        cdef uint64_t *slots = self._slots()
+        cdef uint64_t k, h, val, pos, v, placed = 0, probes
+        cdef Record *r
+        cdef const uint8_t *dg
+        cdef int j
+        for k in range(n):
+            r = &self.records[k]
+            if not (r.flags & F_LIVE):
+                continue
+            for j in range(2):
+                if j == 0:
+                    dg = &r.digest[0]
+                elif r.grace_until_ms == 0:
+                    break
+                else:
+                    dg = &r.digest2[0]
+                h = _le64(dg)
+                val = ((h >> 32) << 32) | (k + 1)
+                pos = h & self.slot_mask
+                for probes in range(self.slot_mask + 1):
+                    v = slots[pos]
+                    if v == SLOT_EMPTY:
+                        fg_store64_rlx(&slots[pos], val)
+                        placed += 1
+                        break
+                    if v == val:     # both digests of a key share a tag: one slot serves both
+                        break
+                    pos = (pos + 1) & self.slot_mask
+        return placed
 
     cdef void _release_pages(self, uint64_t off, uint64_t n) noexcept:
         # best effort: give a retired slot area's pages back (shmem/tmpfs); any
@@ -1454,6 +1609,44 @@ cdef class KeyTable:
         return dict(capacity=self.cap, live=self.hdr.live_keys, digests=self.hdr.digests,
                     slots=self.nslots, tombstones=self.hdr.tombstones, rebuilds=self.hdr.rebuilds,
                     ext_used=self.hdr.ext_bump, ext_bytes=self.ext_bytes)
+
+    def indexes_by_meta(self, prefixes):
+        """{prefix: key index} for the live records whose meta (put(meta=...)) begins
+        with one of prefixes (bytes); a prefix no record has is left out. One pass
+        over the records (cold: for catching up after a snapshot, where a key's id
+        is all that is left of a deleted key). Writer only."""
+        FG_CROSS(X_KEYTABLE_INDEXES_BY_META)
+        self.arena._require_writer()
+        want = set()
+        for x in prefixes:
+            if not isinstance(x, bytes) or not x:
+                raise CoreError(f"meta prefixes must be non-empty bytes, found {x!r}")
+            want.add(x)
+        out = {}
+        if not want:
+            return out
+        lens = sorted({len(x) for x in want})
+        cdef uint64_t k, total, mlen
+        cdef Record *r
+        cdef const uint8_t *b
+        cdef Py_ssize_t L
+        for k in range(self.cap):
+            r = &self.records[k]
+            if not (r.flags & F_LIVE) or r.ext_off == 0 or r.ext_off > self.ext_bytes or \
+                    r.ext_len > self.ext_bytes - r.ext_off or r.ext_len < EXT_HEADER:
+                continue
+            b = self.ext + r.ext_off
+            total = (<const uint32_t *>b)[0]
+            mlen = (<const uint32_t *>b)[6]
+            if total > r.ext_len or mlen > total or mlen == 0:
+                continue
+            for L in lens:
+                if <uint64_t>L > mlen:
+                    break
+                pb = PyBytes_FromStringAndSize(<const char *>(b + total - mlen), L)
+                if pb in want:
+                    out[pb] = <int64_t>k
+        return out
 
 
 cdef inline int64_t _ext_eval(const uint8_t *b, uint64_t blen, int mbit, const uint8_t *pp, Py_ssize_t pn,

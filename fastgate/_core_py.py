@@ -18,6 +18,7 @@ import bisect
 import calendar
 import hashlib
 import ipaddress
+import marshal
 import mmap
 import os
 import re
@@ -105,11 +106,11 @@ CROSSINGS = (
     "addr_subject",
     "Arena.create", "Arena.attach", "Arena.size", "Arena.key_capacity", "Arena.rate_capacity",
     "Arena.auth_capacity", "Arena.path", "Arena.writer_pid", "Arena.header", "Arena.set_writer",
-    "Arena.repair_dead_writer", "Arena.recover", "Arena.unlink",
+    "Arena.repair_dead_writer", "Arena.recover", "Arena.unlink", "Arena.export_keys", "Arena.import_keys",
     "KeyTable.capacity", "KeyTable.last_plan", "KeyTable.set_secret", "KeyTable.digest", "KeyTable.check_key",
     "KeyTable.check", "KeyTable.allocate", "KeyTable.put", "KeyTable.rotate", "KeyTable.revoke",
     "KeyTable.set_disabled", "KeyTable.delete", "KeyTable.sweep", "KeyTable.info", "KeyTable.meta",
-    "KeyTable.generation", "KeyTable.probes", "KeyTable.__len__", "KeyTable.stats",
+    "KeyTable.generation", "KeyTable.probes", "KeyTable.__len__", "KeyTable.stats", "KeyTable.indexes_by_meta",
     "RateTable.policy", "RateTable.set_plans", "RateTable.hit", "RateTable.hit_key", "RateTable.admit",
     "RateTable.stats", "RateTable.limit", "RateTable.remaining", "RateTable.reset_ms", "RateTable.retry_after_ms",
     "Admission.index", "Admission.generation", "Admission.plan_id", "Admission.policy", "Admission.rate",
@@ -736,6 +737,51 @@ class Arena:
                 pass
 
 
+    # ---- key snapshot: the twin's own format (marshal of its records behind a
+    # magic that differs from the compiled core's, so neither takes the other's)
+
+    def export_keys(self) -> bytes:
+        _X["Arena.export_keys"] += 1
+        _require_writer(self)
+        recs = {} if self._keys is None else self._keys[1]
+        rows = [(k, r.flags, r.plan_id, r.not_before_ms, r.expires_ms, r.grace_until_ms, r.digest, r.digest2,
+                 r.scopes, r.allow, r.deny, r.limits, r.meta, r.gen) for k, r in sorted(recs.items())]
+        return _TWIN_KS_MAGIC + marshal.dumps((LAYOUT_VERSION, self._layout["key_capacity"], rows))
+
+    def import_keys(self, data) -> int:
+        _X["Arena.import_keys"] += 1
+        _require_writer(self)
+        if self._keys is not None and self._keys[1]:
+            raise CoreError("import_keys needs an arena that has held no key yet")
+        data = bytes(data)
+        if not data.startswith(_TWIN_KS_MAGIC):
+            raise CoreError("key snapshot has the wrong magic (not made by this core's export_keys)")
+        try:
+            version, cap, rows = marshal.loads(data[len(_TWIN_KS_MAGIC):])
+        except (EOFError, ValueError, TypeError):
+            raise CoreError("key snapshot is truncated or corrupt") from None
+        if version != LAYOUT_VERSION:
+            raise CoreError(f"key snapshot is of arena layout v{version}; this build has v{LAYOUT_VERSION}")
+        if cap != self._layout["key_capacity"]:
+            raise CoreError(f"key snapshot is of an arena with key_capacity {cap}; "
+                            f"this one has {self._layout['key_capacity']}")
+        index, recs = {}, {}
+        for row in rows:
+            r = _Rec()
+            (k, r.flags, r.plan_id, r.not_before_ms, r.expires_ms, r.grace_until_ms, r.digest, r.digest2,
+             r.scopes, r.allow, r.deny, r.limits, r.meta, r.gen) = row
+            if not 0 <= k < cap:
+                raise CoreError(f"key snapshot record {k} is outside the key capacity")
+            recs[k] = r
+            index[r.digest] = k
+            if r.digest2 is not None:
+                index[r.digest2] = k
+        if self._keys is None:
+            self._keys = ({}, {})
+        self._keys[0].update(index)
+        self._keys[1].update(recs)
+        return len(recs)
+
 
 def _require_writer(arena) -> None:
     me = os.getpid()
@@ -744,6 +790,7 @@ def _require_writer(arena) -> None:
 
 
 _crash_hook = 0
+_TWIN_KS_MAGIC = b"FGKEYSPY"
 
 
 def _set_crash_hook(point: int) -> None:
@@ -1043,6 +1090,24 @@ class KeyTable:
         # the twin's index is a dict: no slots to tombstone, nothing to rebuild
         return dict(capacity=self._cap, live=len(self._recs), digests=len(self._index),
                     slots=self._arena._layout["key_slots"], tombstones=0, rebuilds=0)
+
+    def indexes_by_meta(self, prefixes) -> dict:
+        _X["KeyTable.indexes_by_meta"] += 1
+        _require_writer(self._arena)
+        want = set()
+        for x in prefixes:
+            if not isinstance(x, bytes) or not x:
+                raise CoreError(f"meta prefixes must be non-empty bytes, found {x!r}")
+            want.add(x)
+        lens = sorted({len(x) for x in want})
+        out = {}
+        for k, r in self._recs.items():
+            for n in lens:
+                if n > len(r.meta):
+                    break
+                if r.meta[:n] in want:
+                    out[r.meta[:n]] = k
+        return out
 
 
 def _in(ranges, x: int) -> bool:

@@ -136,6 +136,10 @@ class KeysConfig(Base):
     ext_bytes: Size | None = None
     # Brute-force protection: failed key checks allowed per client address; "off" disables.
     failed_auth_limit: str = "30/minute"
+    # Fast start: the admin process keeps a snapshot of the shared key table next to the
+    # store and writes it this often while keys change (and at shutdown); a start replays
+    # the changes after it instead of loading every key. 0: no snapshot, always a full load.
+    snapshot_interval: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
 
     def __post_init__(self):
         problems: list[str] = []

@@ -751,6 +751,9 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
     app = AdminApp(config, config_path, arena, store, token, master_pid, stats, usage)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    from .snapshot import Snapshotter
+
+    snap = Snapshotter(config, store, app.keys, arena, loop, app.slot_ids)  # fast start (admin/snapshot.py)
     reader = MessageReader()
 
     def on_ctl():
@@ -790,6 +793,7 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
     loop.add_reader(ctl.fileno(), on_ctl)
     server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=sock))
     loop.call_soon(tick)
+    snap.start()
     ctl.setblocking(True)
     send_msg(ctl, b"R", str(os.getpid()).encode())
     ctl.setblocking(False)
@@ -801,6 +805,7 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
         except Exception:
             log.exception("admin usage rollup failed at exit")
         finally:
+            snap.final()  # the API has stopped: no key write can be in flight
             usage.close()
             store.close()
             loop.close()

@@ -197,21 +197,24 @@ class Supervisor:
         """Create the shared arena and load every stored key into it, before any
         fork: workers inherit the mapping, the admin process becomes its writer."""
         from .. import core
-        from ..admin import keysync
+        from ..admin import snapshot
         from ..keys import open_config_store
 
         kc = self.config.keys
-        self.arena = core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity, ext_bytes=kc.ext_bytes,
-                                       auth_capacity=kc.auth_capacity)
+
+        def new_arena():
+            return core.Arena.create(key_capacity=kc.capacity, rate_capacity=kc.rate_capacity,
+                                     ext_bytes=kc.ext_bytes, auth_capacity=kc.auth_capacity)
+
         store = open_config_store(self.config)
         try:
             self.secret = store.secret
-            table = core.KeyTable(self.arena, secret=self.secret)
-            n, secs = keysync.load_all(store, table)
+            # from the key snapshot plus the changes after it when it is usable, else all keys
+            self.arena, n, secs, how = snapshot.load(self.config, store, new_arena)
         finally:
             store.close()
-        log.info("loaded %d keys from %s into shared memory in %.2fs (%d MiB segment)",
-                 n, store.path, secs, self.arena.size >> 20)
+        log.info("loaded %d keys from %s into shared memory in %.2fs (%s; %d MiB segment)",
+                 n, store.path, secs, how, self.arena.size >> 20)
 
     # -- lifecycle --------------------------------------------------------------
     def worker_count(self, config: cfg.Config) -> int:

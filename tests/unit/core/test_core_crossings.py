@@ -35,6 +35,8 @@ def touch_everything(core, tmp_path):
     a.set_writer(os.getpid())
     assert a.repair_dead_writer() == -1 and a.recover() is False
     a.unlink()
+    b = core.Arena.create(key_capacity=4, rate_capacity=4)
+    assert b.import_keys(a.export_keys()) == 0
     k = core.KeyTable(a)
     assert k.capacity == 4
     k.set_secret(SECRET)
@@ -52,6 +54,7 @@ def touch_everything(core, tmp_path):
     assert k.info(i)["generation"] == 5 and k.meta(i) == b"" and k.generation(i) == 5
     k.probes(d)
     assert len(k) == 1 and k.stats()["live"] == 1
+    assert k.indexes_by_meta([b"m"]) == {}
     k.delete(i)
     k.put(i, d)  # a second put: counted twice, see below
     r = core.RateTable(a)
@@ -69,7 +72,7 @@ def touch_everything(core, tmp_path):
     assert c.contains(V4) and len(c) == 1 and c.ranges == (1, 0) and c.where == "ip.allow"
 
 
-EVERYTHING_ONCE = dict.fromkeys(P.CROSSINGS, 1) | {"KeyTable.put": 2}
+EVERYTHING_ONCE = dict.fromkeys(P.CROSSINGS, 1) | {"KeyTable.put": 2, "Arena.create": 2}
 
 
 def test_the_twin_counts_every_entry_point(tmp_path):
