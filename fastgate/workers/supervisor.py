@@ -180,6 +180,7 @@ class Supervisor:
         self.admin: Slot | None = None
         self.arena = None
         self.secret = b""
+        self.loaded_seq = 0  # the store's change number the key table was loaded at
         self.instance_lock = instance_lock
 
     def _all(self) -> list[Slot]:
@@ -207,6 +208,9 @@ class Supervisor:
         try:
             self.secret = store.secret
             table = core.KeyTable(self.arena, secret=self.secret)
+            # Read before the load: every change up to it is in what the load reads, and the
+            # admin process's cluster fan-out replays from it (a change in between twice: harmless).
+            self.loaded_seq = store.change_seq()
             n, secs = keysync.load_all(store, table)
         finally:
             store.close()
@@ -322,7 +326,7 @@ class Supervisor:
 
             token = os.environ.get(self.config.admin.token_env) or None
             run_admin(slot.sock, ctl, self.config, self.config_path, self.arena, self.config.keys.store,
-                      token.encode() if token else None, os.getppid(), self.stats)
+                      token.encode() if token else None, os.getppid(), self.stats, loaded_seq=self.loaded_seq)
         else:
             Worker(slot.index, self.config, slot.sock, ctl, arena=self.arena, secret=self.secret,
                    stats=self.stats).run()
