@@ -188,6 +188,25 @@ def test_node_whose_table_cannot_take_a_change_is_lagging_and_fails_closed(clust
     assert everywhere(cluster, made[-1]["key"]) == [200, 200, 200]
 
 
+def test_a_change_made_while_a_node_cannot_hear_it_still_reaches_it(cluster, pg_url):
+    """Notifications are wake-ups only: n2's connections to the store are cut (so whatever is
+    notified meanwhile is lost to it), a key is revoked; n2 catches up from the store."""
+    n1, n2, n3 = cluster
+    made = n1.admin("POST", "/keys", json={"name": "unheard"}, expect=201).json()
+    assert wait_for(lambda: everywhere(cluster, made["key"]) == [200, 200, 200], 10)
+    cut = _sql(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fastgate n2'")
+    assert cut and all(ok for (ok,) in cut)
+    n1.admin("POST", f"/keys/{made['id']}/revoke", expect=200)
+    assert wait_for(lambda: n2.get(made["key"]) == 401, 10)
+    assert wait_for(lambda: n2.ready().status_code == 200, 10)
+    n3.admin("POST", f"/keys/{made['id']}/rotate", json={}, expect=409)  # revoked: refused, nothing written
+    made2 = n3.admin("POST", "/keys", json={"name": "heard"}, expect=201).json()
+    assert wait_for(lambda: everywhere(cluster, made2["key"]) == [200, 200, 200], 10)
+    r = n3.admin("POST", f"/keys/{made2['id']}/revoke", expect=200).json()
+    assert r["acked"] == list(IDS)  # n2 listens again
+    assert "re-opening it" in n2.log()
+
+
 def _admin_pid(node):
     try:
         return node.admin("GET", "/healthz").json()["admin_pid"]
