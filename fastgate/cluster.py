@@ -289,13 +289,12 @@ class Fanout:
         if rec.slot >= 0:
             self.id_slot[rec.id] = rec.slot
 
-    def forget(self, key_id: str, slot: int = -1) -> None:
+    def forget(self, key_id: str) -> None:
         """The key is gone from the store: take it out of shared memory, unless its slot has
         meanwhile been given to another key."""
-        known = self.id_slot.pop(key_id, None)
-        slot = slot if slot >= 0 else known
+        slot = self.id_slot.pop(key_id, None)
         self.unfit.discard(key_id)
-        if slot is not None and self.app.slot_ids.get(slot) == key_id:
+        if slot is not None and self.app.slot_ids.get(slot, key_id) == key_id:
             self.app.rollup()  # counts still queued for this slot belong to this key
             self.keys.delete(slot)
             self.app.slot_ids.pop(slot, None)

@@ -551,13 +551,16 @@ class AdminApp:
         key_id = req.params["id"]
         rec = self._get(key_id)
         self.store.delete(key_id, req.actor)
-        if self.cluster is not None:
-            self.cluster.forget(key_id, rec.slot)  # its slot here (if any), also for a key made on another node
-            return 200, self._acked(KeyDeleted(id=key_id))
-        self.keys.delete(rec.slot)
-        self.rollup()  # counts still queued for this slot belong to this key
-        self.slot_ids.pop(rec.slot, None)
-        return 204, None
+        if rec.slot < 0 and self.cluster is not None:
+            self.cluster.forget(key_id)  # made on another node: its slot here, if this node has one
+        else:
+            self.keys.delete(rec.slot)
+            self.rollup()  # counts still queued for this slot belong to this key
+            self.slot_ids.pop(rec.slot, None)
+        if self.cluster is None:
+            return 204, None
+        self.cluster.id_slot.pop(key_id, None)
+        return 200, self._acked(KeyDeleted(id=key_id))  # cluster mode: 200, to carry the acks
 
     def _acked(self, out, empty: bool = False):
         """Cluster mode: the answer waits for the other nodes' acks of the write just made
@@ -754,7 +757,7 @@ class AdminProtocol(asyncio.Protocol):
         if self.transport is not None and len(self.backlog) == 1:
             self.transport.pause_reading()  # bounded: no more requests read until the answers are out
         if not item[6]:
-            task = asyncio.get_event_loop().create_task(payload.resolve())
+            task = asyncio.get_running_loop().create_task(payload.resolve())
             task.add_done_callback(lambda t, item=item: self._resolved(item, t))
 
     def _resolved(self, item, task) -> None:
@@ -853,12 +856,14 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctl.setblocking(False)
     loop.add_reader(ctl.fileno(), on_ctl)
-    server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=sock))
     if config.cluster.store:
         from ..cluster import Fanout
 
+        # Before the first request is served (the listening socket outlives a respawned admin
+        # process, so requests may be queued on it already): listen, register, catch up.
         app.cluster = Fanout(app, loop, store.node_id, config.cluster.ack_timeout, loaded_seq)
-        app.cluster.start()  # listen, register, catch up: before "ready" (readyz says so if it could not)
+        app.cluster.start()  # (readyz answers 503 "starting" if the store could not be read)
+    server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=sock))
     loop.call_soon(tick)
     ctl.setblocking(True)
     send_msg(ctl, b"R", str(os.getpid()).encode())
