@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from cluster_kit import Node, node_config
-from conftest import wait_for
+from conftest import ADMIN_TOKEN, raw_exchange, wait_for
 
 IDS = ("n1", "n2", "n3")
 
@@ -109,6 +109,17 @@ def test_update_rotate_delete_propagate_with_acks(cluster):
     assert r == {"id": kid, "status": "deleted", "acked": list(IDS), "missing": []}
     assert everywhere(cluster, key) == [401, 401, 401]
     n1.admin("GET", f"/keys/{kid}", expect=404)
+
+    # pipelined on one connection, the answers (one waiting for acks) leave in request order
+    other = n1.admin("POST", "/keys", json={"name": "piped"}, expect=201).json()
+    host, port = n1.admin_url.rsplit("/", 1)[1].split(":")
+    auth = f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+    raw = raw_exchange(int(port), (f"POST /keys/{other['id']}/revoke HTTP/1.1\r\nHost: a\r\n{auth}"
+                                   f"Content-Length: 0\r\n\r\nGET /keys/{other['id']} HTTP/1.1\r\nHost: a\r\n{auth}"
+                                   "Connection: close\r\n\r\n").encode(), timeout=10)
+    first, second = raw.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"200") and b'"acked":["n1","n2","n3"]' in first, raw
+    assert second.startswith(b"200") and b'"status":"revoked"' in second and b"acked" not in second, raw
 
     m = n1.metrics()
     assert m["fastgate_cluster_peers_live"] == 2 and m["fastgate_cluster_ack_timeouts_total"] == 0
