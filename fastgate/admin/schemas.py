@@ -164,12 +164,26 @@ class KeyOut(msgspec.Struct):
     revoked_at: OutTimestamp | None = None
     grace_until: OutTimestamp | None = None  # while the previous secret still works (after a rotation)
     status: Literal["active", "expired", "revoked"] = "active"
+    # Cluster mode only (absent on a single node): the answers of revoke, rotate and update
+    # list the nodes whose shared memory has the change, and the ones that did not
+    # acknowledge it within [cluster] ack_timeout (fastgate.cluster).
+    acked: list[str] | msgspec.UnsetType = msgspec.UNSET
+    missing: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class KeyCreated(KeyOut):
     """201 from POST /keys and 200 from rotate: `key` is shown here only, once."""
 
     key: str = ""
+
+
+class KeyDeleted(msgspec.Struct):
+    """200 from DELETE /keys/{id} in cluster mode (a single node answers 204, no body)."""
+
+    id: str
+    status: Literal["deleted"] = "deleted"
+    acked: list[str] = []
+    missing: list[str] = []
 
 
 class KeyList(msgspec.Struct):
@@ -249,10 +263,22 @@ class Health(msgspec.Struct):
     master_pid: int
 
 
+class ClusterState(msgspec.Struct):
+    """This node in the cluster (cluster mode only), see fastgate.cluster."""
+
+    node_id: str
+    applied_seq: int  # the change number its shared memory has applied
+    store_seq: int  # the store's change number, as last seen
+    peers_live: int  # other nodes with a recent heartbeat
+    store: Literal["ok", "unreachable"]
+
+
 class Ready(msgspec.Struct, omit_defaults=True):
-    status: Literal["ready", "draining", "starting"]
+    status: Literal["ready", "draining", "starting", "lagging"]
     workers_ready: int | None = None
     workers: int | None = None
+    reason: str | None = None  # why not ready (cluster mode: catching up, lagging)
+    cluster: ClusterState | None = None
 
 
 class ReloadAccepted(msgspec.Struct):

@@ -44,10 +44,12 @@ from .openapi import ANY_JSON, MAX_BODY, PATH_PARAM_TYPES, TEXT, Op, Param, docu
 from .schemas import (
     METADATA_RULE,
     AuditList,
+    ClusterState,
     CreateKey,
     Error,
     Health,
     KeyCreated,
+    KeyDeleted,
     KeyId,
     KeyList,
     KeyOut,
@@ -93,11 +95,13 @@ ROUTES: tuple[Op, ...] = (
     Op("GET", "/keys/{id}", "show", "Show a key", 200, KeyOut),
     Op("PATCH", "/keys/{id}", "update", "Change fields of a key; effective on the next request", 200, KeyOut,
        body=UpdateKey, writes=True, responses=((503, None, "key_table_full: the new record does not fit"),)),
-    Op("DELETE", "/keys/{id}", "delete", "Delete a key (its audit history stays)", 204, None, writes=True),
+    Op("DELETE", "/keys/{id}", "delete", "Delete a key (its audit history stays)", 204, None, writes=True,
+       responses=((200, KeyDeleted, "cluster mode: deleted, with the nodes that acknowledged it"),)),
     Op("POST", "/keys/{id}/rotate", "rotate", "New secret; the old one works until grace_seconds pass", 200,
        KeyCreated, body=RotateKey, body_required=False, writes=True,
        responses=((409, None, "the key is revoked"),)),
-    Op("POST", "/keys/{id}/revoke", "revoke", "Revoke; refused by every worker before this answers", 200, KeyOut,
+    Op("POST", "/keys/{id}/revoke", "revoke",
+       "Revoke; refused by every worker (cluster mode: of every node that acked) before this answers", 200, KeyOut,
        writes=True),
     Op("GET", "/keys/{id}/usage", "key_usage", "A key's request counts per minute, hour or day", 200, KeyUsage,
        query=(Param("by", UsagePeriod, "bucket size", "hour"),
@@ -310,6 +314,7 @@ class AdminApp:
         self.draining = False
         self.store_health = Incident("key store")
         self.usage_health = Incident("usage store")
+        self.cluster = None  # cluster mode: the fan-out (fastgate.cluster.Fanout), set by run_admin
         self._pending_usage: dict[str, list[int]] = {}
         self._rid = 0
 
@@ -344,7 +349,10 @@ class AdminApp:
 
     def _apply(self, rec) -> None:
         try:
-            keysync.apply(self.keys, rec)
+            if self.cluster is not None:
+                self.cluster.apply_record(rec)  # also a key made on another node, with no slot here yet
+            else:
+                keysync.apply(self.keys, rec)
         except core.CoreError as exc:
             raise ApiError("key_table_full", f"{exc} (raise [keys] capacity or ext_bytes)") from None
 
@@ -440,6 +448,12 @@ class AdminApp:
             return 503, Ready(status="draining")
         if m and m.get("workers_ready", 0) < m.get("workers", 0):
             return 503, Ready(status="starting", workers_ready=m["workers_ready"], workers=m["workers"])
+        if self.cluster is not None:
+            state = msgspec.convert(self.cluster.state(), ClusterState)
+            why = self.cluster.unready()
+            if why is not None:
+                return 503, Ready(status=why[0], reason=why[1], cluster=state)
+            return 200, Ready(status="ready", cluster=state)
         return 200, Ready(status="ready")
 
     def openapi(self, req: Request):
@@ -478,6 +492,8 @@ class AdminApp:
             self.keys.delete(slot)
             raise
         self.slot_ids[rec.slot] = rec.id
+        if self.cluster is not None:
+            self.cluster.noted(rec)
         return 201, self.out(rec, KeyCreated, key=key)
 
     def show(self, req: Request):
@@ -495,7 +511,7 @@ class AdminApp:
         if exp is not None and (rec.expires_at is None or rfc3339_ms(exp) != rfc3339_ms(rec.expires_at)):
             self._check_expiry(exp)  # a past expiry is refused, unless it is the one already stored
         if not changes:
-            return 200, self.out(rec)
+            return 200, self._acked(self.out(rec), empty=True)
         new = self.store.update(key_id, changes, req.actor)
         try:
             self._apply(new)
@@ -503,7 +519,7 @@ class AdminApp:
             # The shared table could not take the new record: put the stored one back.
             self.store.update(key_id, {f: getattr(rec, f) for f in changes}, "system")
             raise
-        return 200, self.out(new)
+        return 200, self._acked(self.out(new))
 
     def rotate(self, req: Request):
         key_id = req.params["id"]
@@ -515,24 +531,45 @@ class AdminApp:
         grace = int(req.body.grace_seconds)
         grace_until = keysync.now_ms() + grace * 1000 if grace else 0
         rec = self.store.rotate(key_id, digest, grace_until, req.actor)
-        self.keys.rotate(rec.slot, digest, grace_until)
-        return 200, self.out(rec, KeyCreated, key=key)
+        if rec.slot < 0 and self.cluster is not None:
+            self._apply(rec)  # made on another node and not in this node's table yet: the whole record
+        else:
+            self.keys.rotate(rec.slot, digest, grace_until)
+        return 200, self._acked(self.out(rec, KeyCreated, key=key))
 
     def revoke(self, req: Request):
         key_id = req.params["id"]
         self._get(key_id)
         rec = self.store.revoke(key_id, req.actor)
-        self.keys.revoke(rec.slot)
-        return 200, self.out(rec)
+        if rec.slot < 0 and self.cluster is not None:
+            self._apply(rec)
+        else:
+            self.keys.revoke(rec.slot)
+        return 200, self._acked(self.out(rec))
 
     def delete(self, req: Request):
         key_id = req.params["id"]
         rec = self._get(key_id)
         self.store.delete(key_id, req.actor)
-        self.keys.delete(rec.slot)
-        self.rollup()  # counts still queued for this slot belong to this key
-        self.slot_ids.pop(rec.slot, None)
-        return 204, None
+        if rec.slot < 0 and self.cluster is not None:
+            self.cluster.forget(key_id)  # made on another node: its slot here, if this node has one
+        else:
+            self.keys.delete(rec.slot)
+            self.rollup()  # counts still queued for this slot belong to this key
+            self.slot_ids.pop(rec.slot, None)
+        if self.cluster is None:
+            return 204, None
+        self.cluster.id_slot.pop(key_id, None)
+        return 200, self._acked(KeyDeleted(id=key_id))  # cluster mode: 200, to carry the acks
+
+    def _acked(self, out, empty: bool = False):
+        """Cluster mode: the answer waits for the other nodes' acks of the write just made
+        (AdminProtocol resolves it); a single node answers at once, without acked/missing.
+        ``empty``: nothing was written (a PATCH with no fields): the acks of the store's
+        current change number."""
+        if self.cluster is None:
+            return out
+        return self.cluster.pending(out, self.store.change_seq() if empty else None)
 
     def list_keys(self, req: Request):
         limit = req.query["limit"]
@@ -613,8 +650,9 @@ class AdminApp:
                 if snap is not None:
                     snaps.append(snap)
             master = self.stats.read(self.stats.slots)
-        return 200, render(snaps, master, self.keys.stats(), self.rates.stats(), self.arena.key_capacity,
-                           self.arena.rate_capacity)
+        text = render(snaps, master, self.keys.stats(), self.rates.stats(), self.arena.key_capacity,
+                      self.arena.rate_capacity)
+        return 200, text if self.cluster is None else text + self.cluster.metrics()
 
     def sweep(self) -> None:
         """Record expiries in the audit trail (once) and drop ended rotation graces.
@@ -645,6 +683,9 @@ class AdminProtocol(asyncio.Protocol):
         self.body: list[bytes] = []
         self.size = 0
         self.refused = False  # answered early (body too large): ignore the rest of the stream
+        # Cluster writes answer after the other nodes' acks (an awaitable answer): the answers
+        # of requests pipelined behind one wait here, so they leave in request order.
+        self.backlog: list[list] = []
 
     def connection_made(self, transport):
         self.transport = transport
@@ -704,8 +745,33 @@ class AdminProtocol(asyncio.Protocol):
         except Exception as exc:  # a bug, never input: say so, keep serving
             log.exception("admin request %s %s failed", method, path)
             status, payload = 500, self._error("internal_error", f"{type(exc).__name__}: {exc}", rid)
-        self.respond(status, payload, rid=rid, close=not self.parser.should_keep_alive(), headers=extra,
-                     head_only=method == "HEAD")
+        close = not self.parser.should_keep_alive()
+        if self.backlog or hasattr(payload, "resolve"):
+            self._defer(status, payload, rid, close, extra, method == "HEAD")
+            return
+        self.respond(status, payload, rid=rid, close=close, headers=extra, head_only=method == "HEAD")
+
+    def _defer(self, status, payload, rid, close, headers, head_only) -> None:
+        item = [status, payload, rid, close, headers, head_only, not hasattr(payload, "resolve")]
+        self.backlog.append(item)
+        if self.transport is not None and len(self.backlog) == 1:
+            self.transport.pause_reading()  # bounded: no more requests read until the answers are out
+        if not item[6]:
+            task = asyncio.get_running_loop().create_task(payload.resolve())
+            task.add_done_callback(lambda t, item=item: self._resolved(item, t))
+
+    def _resolved(self, item, task) -> None:
+        try:
+            item[1] = task.result()
+        except Exception as exc:  # a bug: the write itself committed and was answered as such
+            log.exception("waiting for cluster acks failed")
+            item[0], item[1] = 500, self._error("internal_error", f"{type(exc).__name__}: {exc}", item[2])
+        item[6] = True
+        while self.backlog and self.backlog[0][6]:
+            status, payload, rid, close, headers, head_only, _ = self.backlog.pop(0)
+            self.respond(status, payload, rid=rid, close=close, headers=headers, head_only=head_only)
+        if not self.backlog and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def respond(self, status: int, payload, rid: str = "", close: bool = False, headers: dict | None = None,
                 head_only: bool = False) -> None:
@@ -732,7 +798,9 @@ class AdminProtocol(asyncio.Protocol):
 
 
 def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, config_path: str | None,
-              arena, store_path: str, token: bytes | None, master_pid: int, stats=None) -> None:
+              arena, store_path: str, token: bytes | None, master_pid: int, stats=None, loaded_seq: int = 0) -> None:
+    """``loaded_seq``: the store's change number when the master loaded the key table (cluster
+    mode catches up from there)."""
     from ..keys import open_config_store
     from ..usage import UsageStore
 
@@ -791,6 +859,13 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctl.setblocking(False)
     loop.add_reader(ctl.fileno(), on_ctl)
+    if config.cluster.store:
+        from ..cluster import Fanout
+
+        # Before the first request is served (the listening socket outlives a respawned admin
+        # process, so requests may be queued on it already): listen, register, catch up.
+        app.cluster = Fanout(app, loop, store.node_id, config.cluster.ack_timeout, loaded_seq)
+        app.cluster.start()  # (readyz answers 503 "starting" if the store could not be read)
     server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=sock))
     loop.call_soon(tick)
     snap.start()
@@ -801,6 +876,8 @@ def run_admin(sock: socket.socket, ctl: socket.socket, config: cfg.Config, confi
         loop.run_forever()
     finally:
         try:
+            if app.cluster is not None:
+                app.cluster.close(leave=app.draining)  # a clean stop leaves the cluster's node list
             app.rollup()
         except Exception:
             log.exception("admin usage rollup failed at exit")

@@ -369,6 +369,12 @@ class Snapshotter:
         # other nodes' changes: those are caught up before a copy.
         cl = getattr(config, "cluster", None)
         self.exclusive = not (cl is not None and cl.store)
+        if self.exclusive and STATE.get("admin_spawns", 1) > 1:
+            # That holds for the first admin process after the master's load. One the master
+            # respawned cannot tell whether its predecessor died between a store commit and
+            # the shared-memory write, so it writes no snapshot: the last one (taken before
+            # that) stays, and the next start replays every change after it, or loads fully.
+            self.on = False
         self.on_disk = STATE["on_disk"]
         self._thread: threading.Thread | None = None
         self._target: int | None = None

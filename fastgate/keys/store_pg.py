@@ -173,6 +173,40 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TRIGGER audit_head_no_truncate BEFORE TRUNCATE ON audit_head
             FOR EACH STATEMENT EXECUTE FUNCTION fastgate_audit_head_forward()""",
     ]),
+    (2, "cluster fan-out: nodes (heartbeat, applied change number), change and ack notifications", [
+        # One row per node (fastgate.cluster): the change number its shared memory has applied,
+        # its heartbeat (the server's clock, so node clocks never matter), and the highest
+        # change a writer saw it miss the ack of (it reports unready until applied >= that).
+        """CREATE TABLE nodes (
+            node_id      text COLLATE "C" PRIMARY KEY,
+            applied_seq  bigint NOT NULL DEFAULT 0,
+            missed_seq   bigint NOT NULL DEFAULT 0,
+            heartbeat_at timestamptz NOT NULL DEFAULT now(),
+            started_at   timestamptz NOT NULL DEFAULT now()
+        )""",
+        # NOTIFY is transactional: sent on COMMIT only, in commit order, never for a rollback.
+        # The head moves once per writing transaction, so this is one notification per write,
+        # whoever writes (any node, `fastgate store migrate`, the CLI), with the new change
+        # number as its payload. Listeners treat it as a wake-up only: they read the changes
+        # from the audit table, so a notification lost while a listener reconnects loses nothing.
+        """CREATE FUNCTION fastgate_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('fastgate_changes', NEW.seq::text);
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER audit_head_notify AFTER UPDATE ON audit_head
+            FOR EACH ROW EXECUTE FUNCTION fastgate_notify_change()""",
+        # An ack: a node's applied change number moved; payload "SEQ NODE_ID".
+        """CREATE FUNCTION fastgate_notify_ack() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' OR NEW.applied_seq IS DISTINCT FROM OLD.applied_seq THEN
+                PERFORM pg_notify('fastgate_acks', NEW.applied_seq::text || ' ' || NEW.node_id);
+            END IF;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER nodes_notify_ack AFTER INSERT OR UPDATE ON nodes
+            FOR EACH ROW EXECUTE FUNCTION fastgate_notify_ack()""",
+    ]),
 ]
 SCHEMA_VERSION_PG = MIGRATIONS[-1][0]
 
@@ -233,6 +267,7 @@ class PgKeyStore:
         self._conn: Any = None
         self._closed = False
         self._secret = b""
+        self.last_write_seq = 0  # see _write
         try:
             if migrate:
                 self._migrate()
@@ -413,8 +448,14 @@ class PgKeyStore:
                 if tx.head == head or not pg_unavailable(exc):
                     raise self._fail(exc, "write failed, nothing changed") from None
                 if self._committed(tx.head):
+                    if chain:
+                        self.last_write_seq = tx.head[0]
                     return
                 raise self._fail(exc, "write failed, nothing changed (checked after reconnecting)") from None
+            if chain:
+                # The change number this write made, or for a write that changed nothing (revoking
+                # a revoked key) the head it read: every change to its key is at or below it.
+                self.last_write_seq = tx.head[0]
 
     def _rollback(self, c: Any) -> None:
         try:
@@ -591,6 +632,66 @@ class PgKeyStore:
         with self._reading() as c:
             return [tuple(r) for r in c.execute("SELECT seq, key_id FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
                                                 (seq, limit))]
+
+    # ------------------------------------------------------------ cluster nodes (see fastgate.cluster)
+
+    def listen(self, *channels: str) -> Any:
+        """A new connection of its own (autocommit) that LISTENs on ``channels``; the caller
+        reads its notifications (``conn.pgconn``) and closes it. StoreUnavailable if the
+        server cannot be reached."""
+        conn = self._connect()
+        try:
+            for ch in channels:
+                conn.execute(f"LISTEN {ch}")
+        except psycopg.Error as exc:
+            conn.close()
+            raise self._fail(exc, "LISTEN failed") from None
+        return conn
+
+    def node_join(self, node_id: str, loaded_seq: int) -> int:
+        """(Re-)register this node with a heartbeat now. Its applied change number becomes
+        max(loaded_seq, what its row held): a row's number was written only after its
+        changes were in shared memory, so it is what a respawned admin process's arena has;
+        after a whole-node restart it is at most loaded_seq. Returns that number."""
+        with self._reading() as c:
+            row = c.execute("SELECT applied_seq FROM nodes WHERE node_id = %s", (node_id,)).fetchone()
+            applied = max(loaded_seq, row[0] if row else 0)
+            c.execute("INSERT INTO nodes (node_id, applied_seq) VALUES (%s, %s) ON CONFLICT (node_id) DO UPDATE "
+                      "SET applied_seq = EXCLUDED.applied_seq, heartbeat_at = now(), started_at = now()",
+                      (node_id, applied))
+        return applied
+
+    def node_beat(self, node_id: str, applied_seq: int, live_window: float) -> tuple[int | None, int, int]:
+        """Heartbeat and ack in one statement: record ``applied_seq`` (a change notifies
+        'fastgate_acks'). Returns (missed_seq, or None when the row is gone; the store's
+        change number; how many other nodes are live, i.e. beat within ``live_window`` s)."""
+        with self._reading() as c:
+            row = c.execute(
+                "WITH me AS (UPDATE nodes SET heartbeat_at = now(), applied_seq = %s WHERE node_id = %s "
+                "RETURNING missed_seq) SELECT (SELECT missed_seq FROM me), (SELECT seq FROM audit_head WHERE id = 1), "
+                "(SELECT count(*) FROM nodes WHERE node_id <> %s AND heartbeat_at > now() - make_interval(secs => %s))",
+                (applied_seq, node_id, node_id, live_window)).fetchone()
+        return row[0], row[1], row[2]
+
+    def cluster_nodes(self, live_window: float, forget_after: float) -> list[tuple[str, int, bool]]:
+        """(node_id, applied_seq, live) of every node that beat within ``forget_after`` s;
+        live = within ``live_window`` s (the server's clock)."""
+        with self._reading() as c:
+            return [tuple(r) for r in c.execute(
+                "SELECT node_id, applied_seq, heartbeat_at > now() - make_interval(secs => %s) FROM nodes "
+                "WHERE heartbeat_at > now() - make_interval(secs => %s) ORDER BY node_id", (live_window, forget_after))]
+
+    def nodes_missed(self, node_ids: list[str], seq: int) -> None:
+        """Record that these nodes did not ack change ``seq`` in time (they report unready
+        until they have applied it)."""
+        with self._reading() as c:
+            c.execute("UPDATE nodes SET missed_seq = GREATEST(missed_seq, %s) WHERE node_id = ANY(%s)",
+                      (seq, list(node_ids)))
+
+    def node_leave(self, node_id: str) -> None:
+        """A node that stops cleanly: writers stop waiting for it or listing it."""
+        with self._reading() as c:
+            c.execute("DELETE FROM nodes WHERE node_id = %s", (node_id,))
 
     # ------------------------------------------------------------ writes
 

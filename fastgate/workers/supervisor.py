@@ -180,6 +180,7 @@ class Supervisor:
         self.admin: Slot | None = None
         self.arena = None
         self.secret = b""
+        self.loaded_seq = 0  # the store's change number the key table was loaded at
         self.instance_lock = instance_lock
 
     def _all(self) -> list[Slot]:
@@ -211,6 +212,9 @@ class Supervisor:
             self.secret = store.secret
             # from the key snapshot plus the changes after it when it is usable, else all keys
             self.arena, n, secs, how = snapshot.load(self.config, store, new_arena)
+            # The change number the arena holds: the admin process's cluster fan-out replays
+            # from it (a change applied twice is harmless).
+            self.loaded_seq = snapshot.STATE["seq"]
         finally:
             store.close()
         log.info("loaded %d keys from %s into shared memory in %.2fs (%s; %d MiB segment)",
@@ -325,7 +329,7 @@ class Supervisor:
 
             token = os.environ.get(self.config.admin.token_env) or None
             run_admin(slot.sock, ctl, self.config, self.config_path, self.arena, self.config.keys.store,
-                      token.encode() if token else None, os.getppid(), self.stats)
+                      token.encode() if token else None, os.getppid(), self.stats, loaded_seq=self.loaded_seq)
         else:
             Worker(slot.index, self.config, slot.sock, ctl, arena=self.arena, secret=self.secret,
                    stats=self.stats).run()
@@ -354,6 +358,9 @@ class Supervisor:
     def _spawn(self, slot: Slot) -> None:
         if slot.kind == "admin":
             self._repair_key_table()
+            # A respawned admin process cannot vouch that its predecessor applied every
+            # change it committed (it may have died in between): see snapshot.Snapshotter.
+            snapshot.STATE["admin_spawns"] = snapshot.STATE.get("admin_spawns", 0) + 1
         parent, child = socket.socketpair()
 
         def body():
