@@ -320,14 +320,18 @@ class SuiteRun:
     load_core_pct: float
     rss_mb: float
     errors: dict = field(default_factory=dict)
+    user_us_per_req: float = 0.0
+    sys_us_per_req: float = 0.0
 
 
 def measure(srv: Gateway, load: Load, path: str, keys_file: Path, script: Path | None, duration: float,
             row: str, load_core: int | None) -> SuiteRun:
-    before = srv.cpu_ticks()
+    before_u, before_s = srv.cpu_split()
+    before = before_u + before_s
     core_before = core_times(load_core) if load_core is not None else (0, 0)
     w = load.run(srv.port, path, keys_file, script, duration)
-    after = srv.cpu_ticks()
+    after_u, after_s = srv.cpu_split()
+    after = after_u + after_s
     core_after = core_times(load_core) if load_core is not None else (0, 1)
     if srv.proc.poll() is not None:
         raise RuntimeError(f"{srv.name} died during the run:\n{tail(srv.log)}")
@@ -335,14 +339,16 @@ def measure(srv: Gateway, load: Load, path: str, keys_file: Path, script: Path |
     load_pct = 100 * (core_after[0] - core_before[0]) / max(core_after[1] - core_before[1], 1)
     return SuiteRun(row, srv.kind, w["requests"], w["seconds"], w["rps"], w["p50_ms"], w["p99_ms"],
                     w.get("p999_ms", float("nan")), cpu_us / max(w["requests"], 1),
-                    100 * cpu_us / (w["seconds"] * 1e6), load_pct, worker_rss_mb(srv), w["errors"])
+                    100 * cpu_us / (w["seconds"] * 1e6), load_pct, worker_rss_mb(srv), w["errors"],
+                    (after_u - before_u) * 1e6 / CLK_TCK / max(w["requests"], 1),
+                    (after_s - before_s) * 1e6 / CLK_TCK / max(w["requests"], 1))
 
 
 def summarise(runs: list[SuiteRun]) -> dict:
     med = lambda f: statistics.median(getattr(r, f) for r in runs)  # noqa: E731
     return {
-        **{f: med(f) for f in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req", "gateway_cpu_pct",
-                               "load_core_pct")},
+        **{f: med(f) for f in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req", "user_us_per_req",
+                               "sys_us_per_req", "gateway_cpu_pct", "load_core_pct")},
         "rps_min": min(r.rps for r in runs), "rps_max": max(r.rps for r in runs),
         "worker_rss_mb": max(r.rss_mb for r in runs),
         "requests": sum(r.requests for r in runs),
@@ -535,7 +541,8 @@ def main(argv=None) -> int:
                             row_runs.append(r)
                             progress.advance(f"{r.target:8} {r.rps:>9,.0f} req/s  p50 {r.p50_ms:.2f} ms  "
                                              f"p99 {r.p99_ms:.2f} ms  p99.9 {r.p999_ms:.2f} ms  "
-                                             f"{r.cpu_us_per_req:.1f} µs CPU/req  RSS {r.rss_mb:.0f} MB"
+                                             f"{r.cpu_us_per_req:.1f} µs CPU/req (user {r.user_us_per_req:.1f}, "
+                                             f"sys {r.sys_us_per_req:.1f})  RSS {r.rss_mb:.0f} MB"
                                              + (f"  errors {r.errors}" if r.errors else ""))
                     runs += row_runs
                     fig = {"scenario": scenario, "routes": routes, "keys": nkeys, "workers": workers,
@@ -593,16 +600,19 @@ def machine() -> dict:
 def table(figures: dict, generator: str) -> str:
     rows = [f"load generator: {generator}", "",
             "| scenario | routes | keys | workers | target | requests/s | p50 ms | p99 ms | p99.9 ms | "
-            "CPU µs/req | RSS/worker MB | errors | vs nginx: req/s | vs nginx: CPU/req |",
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU µs/req | user/sys µs | RSS/worker MB | errors | vs nginx: req/s | vs nginx: CPU/req | "
+            "vs nginx: p99 |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fig in figures.values():
         for kind in ("fastgate", "nginx"):
             if kind not in fig:
                 continue
             s = fig[kind]
-            ratio = (f"{fig['ratio']['rps']:.2f}x | {fig['ratio']['cpu_us_per_req']:.2f}x"
-                     if kind == "fastgate" and "ratio" in fig else " | ")
+            ratio = (f"{fig['ratio']['rps']:.2f}x | {fig['ratio']['cpu_us_per_req']:.2f}x | "
+                     f"{s['p99_ms'] / fig['nginx']['p99_ms']:.2f}x"
+                     if kind == "fastgate" and "ratio" in fig and "nginx" in fig else " | | ")
             rows.append(f"| {fig['scenario']} | {fig['routes']} | {fig['keys']:,} | {fig['workers']} | {kind} | "
                         f"{s['rps']:,.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['p999_ms']:.2f} | "
-                        f"{s['cpu_us_per_req']:.1f} | {s['worker_rss_mb']:.0f} | {s['errors']} | {ratio} |")
+                        f"{s['cpu_us_per_req']:.1f} | {s.get('user_us_per_req', 0):.1f}/{s.get('sys_us_per_req', 0):.1f} | "
+                        f"{s['worker_rss_mb']:.0f} | {s['errors']} | {ratio} |")
     return "\n".join(rows)

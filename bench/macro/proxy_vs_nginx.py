@@ -76,12 +76,17 @@ def children(pid: int) -> list[int]:
     return sorted(int(p) for p in out.stdout.split())
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process, in clock ticks (fields 14 and 15 of /proc/PID/stat)."""
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) of one process, in clock ticks (fields 14 and 15 of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     fields = stat[stat.rindex(")") + 2:].split()  # comm may contain spaces
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks."""
+    return sum(cpu_split(pid))
 
 
 def core_times(core: int) -> tuple[int, int]:
@@ -115,13 +120,19 @@ class Server:
         return pids
 
     def cpu_ticks(self) -> int:
-        total = 0
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[int, int]:
+        """(user, system) ticks of the master and its workers."""
+        user = system = 0
         for pid in self.tree():
             try:
-                total += cpu_ticks(pid)
+                u, s = cpu_split(pid)
             except (FileNotFoundError, ProcessLookupError):
-                pass
-        return total
+                continue
+            user += u
+            system += s
+        return user, system
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -334,7 +334,9 @@ def load(config, store, new_arena):
             how = f"from snapshot {path} at change {on_disk}, then {n_replayed} changed keys up to change {last}"
             return arena, len(table), time.perf_counter() - t0, how
         except Unusable as why:
-            log.warning("key snapshot %s not used (%s): loading every key from the store", path, why)
+            # a first start has none: not worth a warning
+            (log.info if not os.path.exists(path) else log.warning)(
+                "key snapshot %s not used (%s): loading every key from the store", path, why)
         except Exception as exc:  # the snapshot is an optimisation: never a reason not to start
             log.warning("key snapshot %s not used (%s: %s): loading every key from the store", path,
                         type(exc).__name__, exc)

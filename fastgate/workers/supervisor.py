@@ -360,6 +360,8 @@ class Supervisor:
             self._repair_key_table()
             # A respawned admin process cannot vouch that its predecessor applied every
             # change it committed (it may have died in between): see snapshot.Snapshotter.
+            from ..admin import snapshot
+
             snapshot.STATE["admin_spawns"] = snapshot.STATE.get("admin_spawns", 0) + 1
         parent, child = socket.socketpair()
 

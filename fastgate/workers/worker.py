@@ -310,6 +310,8 @@ class Worker:
             data = self.ctl.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:  # the master died: as an orderly end
+            data = b""
         if not data:
             # The master is gone: nobody will supervise us, stop cleanly.
             self.loop.remove_reader(self.ctl.fileno())

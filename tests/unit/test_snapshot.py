@@ -114,7 +114,7 @@ def test_round_trip_replays_changes_after_the_snapshot(node):
 
 
 def _fallback(node, caplog, why: str, **start):
-    with caplog.at_level(logging.WARNING, logger="fastgate.keys"):
+    with caplog.at_level(logging.INFO, logger="fastgate.keys"):
         caplog.clear()
         arena, table, how = node.start(**start)
     assert how == "full load"
