@@ -63,7 +63,7 @@ def count(srv: pv.Server, requests: int, connections: int) -> tuple[int, int, di
     calls: dict = {}
     for line in out.read_text().splitlines():
         m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)(?:\s+\d+)?\s+(\w+)$", line)
-        if m:
+        if m and m.group(2) != "total":
             calls[m.group(2)] = int(m.group(1))
     out.unlink()
     return sum(calls.values()), done, calls
