@@ -591,6 +591,10 @@ cdef class RequestParser(_Body):
         self.buf = bytearray()
         self._reset_scan()
 
+    def set_key_header(self, bytes name):
+        """A reload changed [keys] header: heads parsed from now on look for this one."""
+        self.key_header = name.lower()
+
     cdef inline void _reset_scan(self) noexcept:
         self.scan_pos = 0
         self.nlines = 0

@@ -164,7 +164,6 @@ cdef class KeyCredential(Stage):
     name = "key"
     cdef object keys
     cdef object rates
-    cdef bytes header
     cdef bytes param
     cdef dict bits
     cdef object admission
@@ -176,7 +175,6 @@ cdef class KeyCredential(Stage):
         self.idcache = w.idcache
         self.keys = w.keys
         self.rates = w.rates
-        self.header = w.key_header
         self.param = route.key_query_param
         self.bits = w.method_bits
 

@@ -103,7 +103,12 @@ class Worker:
         self.ip = IpRules(config.ip)
         self.s = config.server
         self.forwarded_header = config.server.forwarded_header
-        self.key_header = config.keys.header.encode()
+        key_header = config.keys.header.encode()
+        if getattr(self, "key_header", key_header) != key_header:
+            for c in self.conns:  # open connections' parsers find the key by the new name too
+                if c.parser is not None:
+                    c.parser.set_key_header(key_header)
+        self.key_header = key_header
         old_log = self.config.log.access if getattr(self, "config", None) else None
         if config.log.access != old_log:
             if self.access is not None:

@@ -472,3 +472,27 @@ def test_draining_finishes_what_is_in_flight_and_closes(gw):
     gw.upstream.links[0].reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb")
     r = busy.response()
     assert r.body == b"b" and r.closes and busy.closed
+
+
+def test_a_reload_that_renames_the_key_header_reaches_open_connections():
+    """The parser finds the key; a reload that renames [keys] header must reach the parsers
+    of connections already open, or their next request would look keyless."""
+    import tomllib
+
+    from fastgate.config import build_config
+
+    gw = Gateway()
+    try:
+        key = gw.add_key("rk")
+        c = gw.client()
+        c.send(f"GET /k/a HTTP/1.1\r\nHost: gw\r\nX-Api-Key: {key}\r\n\r\n".encode())
+        assert c.response().status == 200
+        renamed = BASE.replace("[keys]", '[keys]\nheader = "X-Token"') if "[keys]" in BASE \
+            else BASE + '\n[keys]\nheader = "X-Token"\n'
+        gw.run(lambda: gw.worker.apply(build_config(tomllib.loads(renamed), "test.toml")))
+        c.send(f"GET /k/b HTTP/1.1\r\nHost: gw\r\nX-Token: {key}\r\n\r\n".encode())
+        r = parse_responses(c.out, ["GET", "GET"])[0][1]
+        assert r.status == 200, r.raw
+        assert not gw.upstream.saw(key)  # the renamed field is taken off like the old one
+    finally:
+        gw.close()
