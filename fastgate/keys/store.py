@@ -337,6 +337,26 @@ def _mkdirs_0700(d: str) -> None:
 # ---------------------------------------------------------------- the store
 
 
+def bulk_import_chunked(store, records: Iterable[KeyRecord], actor: str, batch: int) -> int:
+    """bulk_import for either store: one write transaction, records fed to the store's
+    _import_chunk in batches, empty timestamps filled with now."""
+    now = now_ts()
+    n = 0
+    with store._write() as tx:
+        chunk: list[KeyRecord] = []
+        for rec in records:
+            if not rec.created_at or not rec.updated_at:
+                rec = msgspec.structs.replace(rec, created_at=rec.created_at or now,
+                                              updated_at=rec.updated_at or now)
+            chunk.append(rec)
+            if len(chunk) >= batch:
+                n += store._import_chunk(tx, chunk, actor)
+                chunk = []
+        if chunk:
+            n += store._import_chunk(tx, chunk, actor)
+    return n
+
+
 class KeyStore:
     """SQLite key store; see the module docstring for files and guarantees."""
 
@@ -764,21 +784,7 @@ class KeyStore:
 
         Each record is validated as create() validates one (InvalidValue names the record).
         Keeps the records' timestamps (fills empty ones with now) and slots. Returns the count."""
-        now = now_ts()
-        n = 0
-        with self._write() as tx:
-            chunk: list[KeyRecord] = []
-            for rec in records:
-                if not rec.created_at or not rec.updated_at:
-                    rec = msgspec.structs.replace(rec, created_at=rec.created_at or now,
-                                                  updated_at=rec.updated_at or now)
-                chunk.append(rec)
-                if len(chunk) >= batch:
-                    n += self._import_chunk(tx, chunk, actor)
-                    chunk = []
-            if chunk:
-                n += self._import_chunk(tx, chunk, actor)
-        return n
+        return bulk_import_chunked(self, records, actor, batch)
 
     def _import_chunk(self, tx: _Tx, recs: list[KeyRecord], actor: str) -> int:
         # Every record is checked as create() checks one (about 10..20 us each): an

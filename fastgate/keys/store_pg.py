@@ -80,6 +80,7 @@ from fastgate.keys.store import (
     _ms_or_none,
     _record_to_row,
     _row_to_record,
+    bulk_import_chunked,
     ms_to_ts,
     now_ms,
     now_ts,
@@ -811,21 +812,7 @@ class PgKeyStore:
     def bulk_import(self, records: Iterable[KeyRecord], actor: str, batch: int = 10_000) -> int:
         """Insert many records in ONE transaction, each with its 'created' event; all or nothing
         (see KeyStore.bulk_import). Keeps the records' timestamps and slots (for this node)."""
-        now = now_ts()
-        n = 0
-        with self._write() as tx:
-            chunk: list[KeyRecord] = []
-            for rec in records:
-                if not rec.created_at or not rec.updated_at:
-                    rec = msgspec.structs.replace(rec, created_at=rec.created_at or now,
-                                                  updated_at=rec.updated_at or now)
-                chunk.append(rec)
-                if len(chunk) >= batch:
-                    n += self._import_chunk(tx, chunk, actor)
-                    chunk = []
-            if chunk:
-                n += self._import_chunk(tx, chunk, actor)
-        return n
+        return bulk_import_chunked(self, records, actor, batch)
 
     def _import_chunk(self, tx: _PgTx, recs: list[KeyRecord], actor: str) -> int:
         for i, r in enumerate(recs):
